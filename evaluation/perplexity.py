@@ -1,0 +1,111 @@
+"""Perplexity with the Wanda/SparseGPT protocol.
+
+WikiText-2: the test rows joined with "\\n\\n"; C4: the first 1100 validation documents joined
+with " ", cut to 256 x seqlen tokens. Non-overlapping windows of seqlen tokens; each window's
+mean loss is weighted by seqlen; perplexity is exp of the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from prune.data import TextSource, load_file, load_texts
+
+# (windows done, windows total, running perplexity)
+WindowProgress = Callable[[int, int, float], None]
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    perplexity: float
+    windows: int
+    seqlen: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    description: str
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _text_for(dataset: str) -> tuple[str, TextSource]:
+    if dataset == "wikitext2":
+        source = load_texts("wikitext2", "test")
+        return "\n\n".join(source.texts), source
+    if dataset == "c4":
+        source = load_texts("c4", "validation")
+        return " ".join(source.texts[:1100]), source
+    source = load_file(dataset)
+    return "\n\n".join(source.texts), source
+
+
+@lru_cache(maxsize=8)
+def _encode(tokenizer_name: str, dataset: str, tokenizer) -> tuple[torch.Tensor, TextSource]:
+    text, source = _text_for(dataset)
+    if not text.strip():
+        raise EvaluationError(f"{dataset}: the text is empty")
+    return tokenizer(text, return_tensors="pt").input_ids, source
+
+
+def encoded(tokenizer, dataset: str) -> tuple[torch.Tensor, TextSource]:
+    """Token ids of a dataset (memoized per tokenizer: WikiText-2 takes seconds to tokenize)."""
+    return _encode(getattr(tokenizer, "name_or_path", ""), dataset, tokenizer)
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: WindowProgress | None = None,
+) -> PerplexityResult:
+    """``dataset``: "wikitext2", "c4", or a path to a .txt/.jsonl/.parquet file."""
+    ids, source = encoded(tokenizer, dataset)
+    if dataset == "c4":
+        ids = ids[:, : 256 * seqlen]
+    total = ids.numel() // seqlen
+    if total == 0:
+        raise EvaluationError(f"{dataset} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = min(total, max_windows) if max_windows else total
+    device = next(model.parameters()).device
+    nll_sum, start = 0.0, time.perf_counter()
+    for first in range(0, windows, batch_size):
+        last = min(first + batch_size, windows)
+        inputs = ids[:, first * seqlen : last * seqlen].reshape(last - first, seqlen).to(device)
+        logits = model(inputs, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), inputs[:, 1:].reshape(-1)
+        )
+        nll_sum += loss.float().item() * seqlen * (last - first)
+        if progress:
+            progress(last, windows, math.exp(nll_sum / (last * seqlen)))
+    seconds = time.perf_counter() - start
+    name = dataset if dataset in ("wikitext2", "c4") else "file"
+    return PerplexityResult(
+        name,
+        math.exp(nll_sum / (windows * seqlen)),
+        windows,
+        seqlen,
+        windows * seqlen,
+        seconds,
+        windows * seqlen / seconds if seconds else 0.0,
+        source.description,
+        source.note,
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from prune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""What a pruning run achieved: per role, per layer, overall, and how many weights it removed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from prune.apply import Masks
+from prune.roles import RoleMap
+
+
+@dataclass
+class RoleReport:
+    params: int
+    pruned: int
+    requested: float  # the recipe's sparsity for this role (layers outside the range count as 0)
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.params if self.params else 0.0
+
+
+@dataclass
+class SparsityReport:
+    roles: dict[str, RoleReport]
+    per_layer: list[dict[str, float]]  # layer -> role -> achieved sparsity
+    linear_params: int  # weights in all role matrices
+    total_params: int  # every parameter of the model
+    pruned: int
+    pruned_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def linear_sparsity(self) -> float:
+        return self.pruned / self.linear_params if self.linear_params else 0.0
+
+    @property
+    def total_sparsity(self) -> float:
+        return self.pruned / self.total_params if self.total_params else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "roles": {
+                role: {**asdict(r), "sparsity": round(r.sparsity, 6)} for role, r in self.roles.items()
+            },
+            "per_layer": [{k: round(v, 6) for k, v in layer.items()} for layer in self.per_layer],
+            "pruned_per_layer": self.pruned_per_layer,
+            "linear_params": self.linear_params,
+            "total_params": self.total_params,
+            "pruned": self.pruned,
+            "linear_sparsity": round(self.linear_sparsity, 6),
+            "total_sparsity": round(self.total_sparsity, 6),
+        }
+
+
+def sparsity_report(model: nn.Module, roles: RoleMap, masks: Masks, requested) -> SparsityReport:
+    """``requested(layer, role)`` gives the asked-for sparsity; counts come from the masks."""
+    layer_counts = roles.layer_param_counts(model)
+    table = {role: RoleReport(0, 0, 0.0) for role in roles.roles}
+    per_layer, pruned_per_layer = [], []
+    for layer in range(roles.num_layers):
+        row, layer_pruned = {}, 0
+        for role in roles.roles:
+            params = layer_counts[role]
+            pruned = int(masks[(layer, role)].sum()) if (layer, role) in masks else 0
+            table[role].params += params
+            table[role].pruned += pruned
+            table[role].requested += requested(layer, role) * params
+            row[role] = pruned / params
+            layer_pruned += pruned
+        per_layer.append(row)
+        pruned_per_layer.append(layer_pruned)
+    for r in table.values():
+        r.requested = r.requested / r.params if r.params else 0.0
+    linear = sum(r.params for r in table.values())
+    total = sum(p.numel() for p in model.parameters())
+    return SparsityReport(
+        table, per_layer, linear, total, sum(r.pruned for r in table.values()), pruned_per_layer
+    )
+
+
+def planned_pruned_weights(layer_counts: dict[str, int], num_layers: int, requested) -> int:
+    """Weights a setting will prune, before anything runs (row-wise Wanda: int(in * s) per row)."""
+    return sum(
+        int(round(requested(layer, role) * layer_counts[role]))
+        for layer in range(num_layers)
+        for role in layer_counts
+    )
