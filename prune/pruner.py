@@ -23,6 +23,7 @@ from prune.models import LoadedModel
 from prune.paths import cache_dir
 from prune.recipe import Recipe, RecipeError
 from prune.report import SparsityReport, sparsity_report
+from prune.roles import ROLES
 from prune.stats import ActivationStats, dense_pass, sequential_pass
 
 Progress = Callable[[float, str], None]
@@ -146,9 +147,8 @@ class Pruner:
     def _check(self, recipe: Recipe) -> None:
         recipe.validate()
         roles = self.loaded.roles
-        asked = {
-            r for table in [recipe.sparsity, *recipe.per_layer.values()] for r, s in table.items() if s > 0
-        }
+        tables = [recipe.sparsity, *recipe.per_layer.values()]
+        asked = {key for table in tables for key, value in table.items() if value > 0 and key in ROLES}
         missing = asked - set(roles.roles)
         if missing:
             raise RecipeError(

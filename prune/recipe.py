@@ -53,7 +53,8 @@ class Recipe:
     method: str = "wanda"
     structure: str = "unstructured"  # or "N:M", e.g. "2:4"
     use_variant: bool = False  # the Wanda reference's cumulative-sum threshold
-    sparsity: dict[str, float] = field(default_factory=dict)  # role -> fraction pruned
+    # role or group ("attn", "mlp", "all") -> fraction pruned; a role beats its group, a group "all"
+    sparsity: dict[str, float] = field(default_factory=dict)
     layers: list[int] | None = None  # [start, end): only these decoder layers are pruned
     per_layer: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> role -> s
     stats_mode: str = "sequential"
@@ -64,9 +65,16 @@ class Recipe:
     def sparsity_for(self, layer: int, role: str) -> float:
         if self.layers is not None and not (self.layers[0] <= layer < self.layers[1]):
             return 0.0
-        if layer in self.per_layer and role in self.per_layer[layer]:
-            return self.per_layer[layer][role]
-        return self.sparsity.get(role, 0.0)
+        if layer in self.per_layer:
+            value = lookup(self.per_layer[layer], role)
+            if value is not None:
+                return value
+        return self.role_sparsity(role)
+
+    def role_sparsity(self, role: str) -> float:
+        """The recipe-wide sparsity of a role (before layer range and per-layer overrides)."""
+        value = lookup(self.sparsity, role)
+        return 0.0 if value is None else value
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -91,9 +99,9 @@ class Recipe:
             raise RecipeError("use_variant applies to unstructured Wanda only")
         tables = [self.sparsity, *self.per_layer.values()]
         for table in tables:
-            for role, value in table.items():
-                check_role(role)
-                check_fraction(f"sparsity of {role}", value)
+            for key, value in table.items():
+                check_key(key)
+                check_fraction(f"sparsity of {key}", value)
         if self.layers is not None:
             if len(self.layers) != 2 or self.layers[0] < 0 or self.layers[1] <= self.layers[0]:
                 raise RecipeError(f"layers must be [start, end) with 0 <= start < end; got {self.layers}")
@@ -172,9 +180,21 @@ def _sub(cls, value, name: str):
     return cls(**value)
 
 
-def check_role(role: str) -> None:
-    if role not in ROLES:
-        raise RecipeError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+GROUPS = {"attn": ATTENTION_ROLES, "mlp": MLP_ROLES, "all": ROLES}
+
+
+def lookup(table: dict[str, float], role: str) -> float | None:
+    """A role's own entry, else its group's ("attn" or "mlp"), else "all"'s, else None."""
+    group = "attn" if role in ATTENTION_ROLES else "mlp"
+    for key in (role, group, "all"):
+        if key in table:
+            return float(table[key])
+    return None
+
+
+def check_key(key: str) -> None:
+    if key not in ROLES and key not in GROUPS:
+        raise RecipeError(f"unknown role {key!r}; roles are {', '.join(ROLES)} (groups: attn, mlp, all)")
 
 
 def check_fraction(what: str, value: float) -> None:
@@ -192,11 +212,10 @@ def parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-GROUPS = {"all": ROLES, "attn": ATTENTION_ROLES, "attention": ATTENTION_ROLES, "mlp": MLP_ROLES}
-
-
 def parse_sparsity(text: str) -> dict[str, float]:
-    """``"all=0.5"``, ``"attn=0.3,mlp=0.6"``, ``"q=0.3,k=0.3,down=0.6"``: later entries win."""
+    """``"all=0.5"``, ``"attn=0.3,mlp=0.6"``, ``"all=0.5,down=0.7"``: a role beats its group.
+
+    Groups stay groups (not expanded), so ``all=0.5`` also fits a model without a gate role."""
     result: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         if "=" not in item:
@@ -206,9 +225,8 @@ def parse_sparsity(text: str) -> dict[str, float]:
             fraction = float(value)
         except ValueError:
             raise RecipeError(f"sparsity of {name} is not a number: {value!r}") from None
+        name = "attn" if name == "attention" else name
+        check_key(name)
         check_fraction(f"sparsity of {name}", fraction)
-        roles = GROUPS.get(name, (name,))
-        for role in roles:
-            check_role(role)
-            result[role] = fraction
+        result[name] = fraction
     return result
