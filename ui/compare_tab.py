@@ -1,0 +1,121 @@
+"""Side by side: one prompt, the original and the pruned model's answers next to each other.
+
+One model in memory serves both: under the Pruner lock the session's masks are applied, the
+dense weights are swapped in for the original answer (``Pruner.dense_weights``), then the masks
+come back for the pruned answer. Same decoding settings and seed for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+
+from evaluation.generate import (
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_TOKENS,
+    DecodingSettings,
+    GenerationError,
+    prompt_ids,
+    stream,
+)
+from ui.common import HEAVY
+from ui.engine import Engine, Session, run_job
+from ui.errors import user_errors
+from ui.recipes import Defaults, recipe_summary
+
+PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # the box refuses more; the token limit is checked too
+EXAMPLES = [
+    "What is the capital of France? Answer in one sentence.",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "List three uses of a paperclip.",
+]
+
+
+def settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat) -> DecodingSettings:
+    return DecodingSettings(
+        max_new_tokens=int(max_new_tokens),
+        greedy=bool(greedy),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=int(seed),
+        chat=bool(chat),
+    )
+
+
+def make_generate(engine: Engine):
+    @user_errors
+    def generate(
+        prompt: str,
+        max_new_tokens: int,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        chat: bool,
+        session: Session,
+    ) -> Iterator[list[str]]:
+        lab = engine.require()
+        settings = settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat)
+        if len(prompt or "") > PROMPT_CHARS:
+            raise GenerationError(f"the prompt has {len(prompt):,} characters; the limit is {PROMPT_CHARS:,}")
+        prompt_ids(lab.loaded.tokenizer, prompt, settings)  # empty or too many tokens: a message right away
+        engine.check_session(session)
+        if session.masks is None:
+            raise gr.Error(
+                "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
+            )
+        pruner, tokenizer = lab.pruner, lab.loaded.tokenizer
+
+        def work(emit):
+            with pruner.lock:
+                engine.apply_session(session)
+                with pruner.dense_weights() as model:
+                    for text in stream(model, tokenizer, prompt, settings):
+                        emit("dense", text)
+                for text in stream(lab.loaded.model, tokenizer, prompt, settings):
+                    emit("pruned", text)
+
+        note = f"Pruned model: run #{session.runs} of this session ({recipe_summary(session.recipe)})"
+        dense, pruned = "", ""
+        for kind, payload in run_job(work):
+            if kind == "dense":
+                dense = payload
+            elif kind == "pruned":
+                pruned = payload
+            yield [dense, pruned, note]
+
+    return generate
+
+
+def build(engine: Engine, defaults: Defaults, session: gr.State) -> None:
+    generate = make_generate(engine)
+    gr.Markdown(
+        "Both answers come from the **same model in memory**: the dense weights are swapped in for "
+        "the original answer and your masks for the pruned one. Same prompt, decoding settings and seed."
+    )
+    prompt = gr.Textbox(
+        label="Prompt", lines=3, max_length=PROMPT_CHARS, value=EXAMPLES[0], placeholder="Ask something"
+    )
+    gr.Examples(EXAMPLES, prompt, label="Example prompts")
+    with gr.Accordion("Decoding settings", open=False):
+        with gr.Row():
+            max_new_tokens = gr.Slider(
+                1, MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1, label="New tokens"
+            )
+            greedy = gr.Checkbox(True, label="Greedy (off: sampling)")
+            chat = gr.Checkbox(True, label="Use the chat template when the model has one")
+        with gr.Row():
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
+            seed = gr.Number(0, precision=0, label="Seed")
+    button = gr.Button("Generate both", variant="primary", size="lg")
+    note = gr.Markdown()
+    with gr.Row(equal_height=True):
+        dense = gr.Textbox(label="Original (dense)", lines=10, interactive=False, buttons=["copy"])
+        pruned = gr.Textbox(label="Pruned (your last run)", lines=10, interactive=False, buttons=["copy"])
+    inputs = [prompt, max_new_tokens, greedy, temperature, top_p, seed, chat, session]
+    event = dict(fn=generate, inputs=inputs, outputs=[dense, pruned, note], **HEAVY)
+    button.click(**event, api_name="generate")
+    prompt.submit(**event, api_name=False)

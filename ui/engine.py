@@ -1,0 +1,271 @@
+"""The one model the app serves, each browser session's own pruned state, and background jobs.
+
+Isolation: the model in memory is shared, so every heavy job takes the Pruner's lock and first
+puts the model into the state of the session that asked (dense, or that session's masks) before
+it reads a single weight. Sessions keep their masks bit-packed on the CPU (1 bit per weight).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation.lab import Lab
+from prune.apply import Masks
+from prune.models import DEFAULT_MODEL, OFFLINE_MODELS, ModelLoadError, load
+from prune.recipe import Recipe
+from ui.recipes import ModelShape
+
+log = logging.getLogger("pruning-lab")
+
+OFFLINE_CHOICES = [
+    ("SmolLM2-135M-Instruct (offline)", "smollm2-135m-instruct"),
+    ("Gemma-3-270M (offline)", "gemma3-270m"),
+]
+HUB_MODELS = [
+    "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "Qwen/Qwen2.5-0.5B",
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "microsoft/phi-2",
+    "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Meta-Llama-3-8B",
+    "mistralai/Mistral-7B-v0.1",
+]
+MODEL_CHOICES = OFFLINE_CHOICES + [(name, name) for name in HUB_MODELS]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers; offline, hub ids then fail in seconds instead of minutes."""
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def go_offline_if_no_hub() -> bool:
+    """Set HF_HUB_OFFLINE when the hub is unreachable (before transformers reads it). True if offline."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True
+    if hub_reachable():
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return True
+
+
+# ----- packed masks -------------------------------------------------------------------------------
+@dataclass
+class PackedMasks:
+    """A session's masks at 1 bit per weight on the CPU (bool tensors take 8x more)."""
+
+    bits: dict[tuple[int, str], tuple[np.ndarray, tuple[int, int]]] = field(default_factory=dict)
+
+    @classmethod
+    def pack(cls, masks: Masks) -> PackedMasks:
+        return cls({key: (np.packbits(m.cpu().numpy(), axis=1), tuple(m.shape)) for key, m in masks.items()})
+
+    def unpack(self) -> Masks:
+        return {
+            key: torch.from_numpy(np.unpackbits(bits, axis=1, count=shape[1]).astype(bool))
+            for key, (bits, shape) in self.bits.items()
+        }
+
+    def pruned(self) -> int:
+        return sum(
+            int(np.unpackbits(bits, axis=1, count=shape[1]).sum()) for bits, shape in self.bits.values()
+        )
+
+    def nbytes(self) -> int:
+        return sum(bits.nbytes for bits, _ in self.bits.values())
+
+
+_session_ids = itertools.count(1)
+
+
+@dataclass
+class Session:
+    """What one browser tab (or API client) owns: its last recipe, masks and run history."""
+
+    uid: int = field(default_factory=lambda: next(_session_ids))
+    recipe: Recipe | None = None
+    masks: PackedMasks | None = None
+    model_token: int = -1  # which model load the masks belong to
+    runs: int = 0
+    history: list[dict] = field(default_factory=list)
+    last: dict | None = None  # the last run's result summary (what the API returns)
+
+    def __deepcopy__(self, memo: dict) -> Session:
+        """Gradio deep-copies the State's initial value for every new browser session: a new Session."""
+        return Session()
+
+    def owner(self) -> tuple[int, int]:
+        return (self.uid, self.runs)
+
+
+class StaleSession(RuntimeError):
+    """The session's masks were made for a model that is no longer loaded."""
+
+
+class Engine:
+    """Holds the one loaded model (a ``Lab``) for every session; swaps it on request."""
+
+    def __init__(self, device: str = "auto", dtype: str = "auto"):
+        self.device = device
+        self.dtype = dtype
+        self.lab: Lab | None = None
+        self.token = 0  # bumped by every successful load
+        self.offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        self.tokens_per_s: float | None = None  # last measured forward throughput (for time estimates)
+        self._applied: tuple[tuple[int, int], Masks] | None = None  # (session owner, pruner.masks it set)
+        self._load_lock = threading.Lock()
+
+    # ----- the model ------------------------------------------------------------------------------
+    def load(self, name: str, progress: Callable[[str], None] = lambda m: None) -> Lab:
+        """Load ``name``; the old model keeps serving until the new one has loaded."""
+        name = (name or "").strip()
+        if not name:
+            raise ModelLoadError("no model given: pick one from the list or type a hub id or local folder")
+        with self._load_lock:
+            try:
+                loaded = load(name, dtype=self.dtype, device=self.device, progress=progress)
+            except ModelLoadError as err:
+                if self.offline and name not in OFFLINE_MODELS and not Path(name).expanduser().is_dir():
+                    raise ModelLoadError(
+                        f"{err} This server cannot reach the Hugging Face Hub, so only the offline models "
+                        f"({', '.join(OFFLINE_MODELS)}) and local folders load here."
+                    ) from None
+                raise
+            old, self.lab = self.lab, Lab(loaded)
+            if old is not None:
+                with old.pruner.lock:  # a job still running on the old model finishes first
+                    old.pruner.restore()
+            self.token += 1
+            self._applied = None
+            self.tokens_per_s = None
+            del old
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self.lab
+
+    def require(self) -> Lab:
+        if self.lab is None:
+            raise ModelLoadError("no model is loaded yet: press Load model")
+        return self.lab
+
+    def shape(self) -> ModelShape:
+        lm = self.require().loaded
+        return ModelShape(
+            name=lm.name,
+            roles=lm.roles.roles,
+            num_layers=lm.roles.num_layers,
+            layer_counts=lm.roles.layer_param_counts(lm.model),
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def info(self) -> dict:
+        """``Lab.model_info`` plus the memory the app needs for this model."""
+        lab = self.require()
+        info = lab.model_info()
+        lm = lab.loaded
+        element = torch.finfo(lm.dtype).bits // 8
+        linear = sum(info["role_parameters"].values())
+        info["layer_role_parameters"] = lm.roles.layer_param_counts(lm.model)
+        info["memory"] = {
+            "weights_bytes": info["parameters"] * element,
+            "dense_copy_bytes": linear * element,  # CPU copy that makes pruning reversible
+            "session_masks_bytes": (linear + 7) // 8,
+        }
+        return info
+
+    # ----- sessions -------------------------------------------------------------------------------
+    def check_session(self, session: Session) -> None:
+        if session.masks is not None and session.model_token != self.token:
+            name = self.lab.loaded.name if self.lab else "another model"
+            raise StaleSession(
+                f"the lab now holds {name}: your last pruning was for another model. "
+                "Press 'Prune & evaluate' again."
+            )
+
+    def remember(self, session: Session, recipe: Recipe, masks: Masks) -> None:
+        """Called under the lock right after a run pruned the model for ``session``."""
+        session.runs += 1
+        session.recipe = recipe
+        session.masks = PackedMasks.pack(masks)
+        session.model_token = self.token
+        self._applied = (session.owner(), self.require().pruner.masks)
+
+    def apply_session(self, session: Session) -> None:
+        """Put the model into ``session``'s pruned state (call with the Pruner lock held)."""
+        self.check_session(session)
+        if session.masks is None:
+            raise StaleSession("nothing pruned in this session yet: press 'Prune & evaluate' first")
+        pruner = self.require().pruner
+        if self._applied and self._applied[0] == session.owner() and self._applied[1] is pruner.masks:
+            return  # the model already holds this session's masks (identity: nothing changed since)
+        pruner.apply({k: m.to(self.lab.loaded.device) for k, m in session.masks.unpack().items()})
+        self._applied = (session.owner(), pruner.masks)
+
+    def note_throughput(self, tokens_per_s: float) -> None:
+        if tokens_per_s > 0:
+            self.tokens_per_s = tokens_per_s
+
+
+def default_engine(device: str, model: str = DEFAULT_MODEL) -> Engine:
+    engine = Engine(device=device)
+    engine.load(model, progress=lambda m: log.info(m))
+    return engine
+
+
+# ----- background jobs ----------------------------------------------------------------------------
+class JobCancelled(RuntimeError):
+    """The page that started a job went away; the job stops at its next progress report."""
+
+
+Emit = Callable[[str, Any], None]
+
+
+def run_job(work: Callable[[Emit], Any]) -> Iterator[tuple[str, Any]]:
+    """Run ``work(emit)`` in its own thread and yield what it emits, then ``("done", result)``.
+
+    Gradio advances a sync generator from changing worker threads, so a lock held across
+    ``yield``s would be released by the wrong thread; the job's thread holds it instead."""
+    events: queue.Queue = queue.Queue()
+    cancelled = threading.Event()
+
+    def emit(kind: str, payload: Any) -> None:
+        if cancelled.is_set():
+            raise JobCancelled("the page that started this job is gone")
+        events.put((kind, payload))
+
+    def target() -> None:
+        try:
+            events.put(("done", work(emit)))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread
+            events.put(("error", err))
+
+    threading.Thread(target=target, daemon=True, name="lab-job").start()
+    try:
+        while True:
+            kind, payload = events.get()
+            if kind == "error":
+                raise payload
+            yield kind, payload
+            if kind == "done":
+                return
+    finally:
+        cancelled.set()

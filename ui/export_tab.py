@@ -1,0 +1,127 @@
+"""Export: the session's recipe (JSON and YAML, which ``python -m prune --recipe FILE`` reruns) and
+the pruned model itself as a zip of a ``save_pretrained`` (safetensors) folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from evaluation.lab import versions
+from ui.common import HEAVY, LIGHT, PROGRESS
+from ui.engine import Engine, Session, run_job
+from ui.errors import user_errors
+
+EXPORT_ROOT = Path(tempfile.gettempdir()) / "pruning-lab-exports"
+
+
+def _folder(session: Session, what: str) -> Path:
+    """A fresh folder per session and kind; the previous export of the same kind is removed."""
+    folder = EXPORT_ROOT / f"session-{session.uid}" / what
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _require_run(session: Session) -> None:
+    if session.recipe is None:
+        raise gr.Error("Nothing to export yet: press 'Prune & evaluate' on the Prune tab first.")
+
+
+def cli_markdown(session: Session) -> str:
+    recipe = session.recipe
+    uploads = [
+        p for p in [recipe.calibration.path, *recipe.evaluation.datasets] if p and Path(p).is_absolute()
+    ]
+    note = ""
+    if uploads:
+        note = (
+            "\n\nThe recipe names uploaded files by their path on this server "
+            f"({', '.join(Path(p).name for p in uploads)}): copy them along and edit the paths."
+        )
+    return (
+        f"Reproduce run #{session.runs} from a terminal:\n\n"
+        "```bash\npython -m prune --recipe recipe.json            # prune and evaluate as the app did\n"
+        "python -m prune --recipe recipe.json --eval none --save pruned/   # just the pruned model\n```"
+        + note
+    )
+
+
+def make_handlers(engine: Engine):
+    @user_errors
+    def export_recipe(session: Session) -> list:
+        _require_run(session)
+        folder = _folder(session, "recipe")
+        recipe = session.recipe
+        (folder / "recipe.json").write_text(recipe.to_json())
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        return [
+            [str(folder / "recipe.json"), str(folder / "recipe.yaml")],
+            recipe.to_json(),
+            cli_markdown(session),
+        ]
+
+    @user_errors
+    def export_model(session: Session, progress=PROGRESS) -> Iterator[list]:
+        _require_run(session)
+        engine.check_session(session)
+        lab = engine.require()
+        folder = _folder(session, "model")
+        name = f"{Path(session.recipe.model).name}-pruned-run{session.runs}"
+        target = folder / name
+
+        def work(emit):
+            with lab.pruner.lock:
+                engine.apply_session(session)
+                emit("progress", (0.2, "writing safetensors"))
+                lab.loaded.model.save_pretrained(target, safe_serialization=True)
+                lab.loaded.tokenizer.save_pretrained(target)
+            session.recipe.save(target / "recipe.json")
+            summary = {"versions": versions(), **(session.last or {})}
+            (target / "pruning_result.json").write_text(json.dumps(summary, indent=2, default=str))
+            emit("progress", (0.6, "zipping"))
+            archive = folder / f"{name}.zip"
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:  # safetensors barely compress
+                for path in sorted(target.rglob("*")):
+                    zf.write(path, Path(name) / path.relative_to(target))
+            shutil.rmtree(target)
+            return archive
+
+        yield [None, "Saving the pruned model ..."]
+        for kind, payload in run_job(work):
+            if kind == "progress":
+                progress(payload[0], desc=payload[1])
+        size = payload.stat().st_size / 2**20
+        yield [
+            str(payload),
+            f"**{payload.name}** ({size:.0f} MiB): a save_pretrained folder with "
+            "safetensors weights, the tokenizer, recipe.json and pruning_result.json.",
+        ]
+
+    return export_recipe, export_model
+
+
+def build(engine: Engine, session: gr.State) -> None:
+    export_recipe, export_model = make_handlers(engine)
+    gr.Markdown("Everything here is for **your last run** in this browser tab.")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Recipe")
+            recipe_btn = gr.Button("Export recipe (JSON + YAML)", variant="primary")
+            recipe_files = gr.File(label="Recipe files", file_count="multiple", interactive=False)
+            cli_md = gr.Markdown()
+            recipe_code = gr.Code(language="json", label="recipe.json", interactive=False)
+        with gr.Column():
+            gr.Markdown("### Pruned model")
+            model_btn = gr.Button("Build pruned model (.zip)", variant="primary")
+            model_file = gr.File(label="Pruned model", interactive=False)
+            model_md = gr.Markdown("The zip holds the full model: about 4 bytes per parameter in float32.")
+    recipe_btn.click(
+        export_recipe, [session], [recipe_files, recipe_code, cli_md], api_name="export_recipe", **LIGHT
+    )
+    model_btn.click(export_model, [session], [model_file, model_md], api_name="export_model", **HEAVY)

@@ -1,0 +1,285 @@
+"""From widget values to a ``Recipe`` and back: defaults per device, presets, the live readout.
+
+Pure functions with no Gradio import, so the mapping is unit-tested without a browser and the
+same names serve as the app's API parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe, RecipeError, parse_nm
+from prune.report import planned_pruned_weights
+from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
+
+METHOD_CHOICES = [
+    ("Wanda (|W| x input norm, per output row)", "wanda"),
+    ("Magnitude (one threshold per matrix)", "magnitude"),
+    ("Magnitude per output row", "magnitude-row"),
+]
+STRUCTURES = ["unstructured", "2:4", "4:8"]
+CALIBRATION_CHOICES = ["c4", "wikitext2", "generated", "uploaded file"]
+EVAL_CHOICES = ["wikitext2", "c4", "uploaded file"]
+STATS_CHOICES = [
+    ("cached: one dense pass, re-pruning is instant", "cached"),
+    ("sequential: the paper's layer-by-layer procedure", "sequential"),
+]
+
+
+@dataclass
+class Defaults:
+    """Starting values that fit the device: a CPU classroom laptop or a GPU server."""
+
+    nsamples: int
+    seqlen: int
+    eval_windows: int  # 0: the full protocol
+    eval_seqlen: int
+    max_new_tokens: int
+    task_limit: int
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Defaults:
+        if device_type == "cuda":
+            return cls(
+                nsamples=128,
+                seqlen=2048,
+                eval_windows=0,
+                eval_seqlen=2048,
+                max_new_tokens=128,
+                task_limit=500,
+            )
+        return cls(nsamples=16, seqlen=256, eval_windows=4, eval_seqlen=512, max_new_tokens=48, task_limit=40)
+
+
+@dataclass
+class Controls:
+    """Every widget the Prune tab sends; field names are the ``/prune`` API's parameter names.
+
+    Sparsities are percentages (what the sliders show); the recipe stores fractions."""
+
+    q: float = 50.0
+    k: float = 50.0
+    v: float = 50.0
+    o: float = 50.0
+    gate: float = 50.0
+    up: float = 50.0
+    down: float = 50.0
+    method: str = "wanda"
+    structure: str = "unstructured"
+    layer_first: int = 0
+    layer_last: int = -1  # inclusive; -1: the last layer
+    calibration: str = "c4"
+    calibration_file: str | None = None
+    nsamples: int = 16
+    seqlen: int = 256
+    seed: int = 0
+    stats_mode: str = "cached"
+    eval_datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    eval_file: str | None = None
+    eval_windows: int = 4
+    eval_seqlen: int = 512
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_values(cls, values: dict) -> Controls:
+        unknown = set(values) - set(cls.names())
+        if unknown:
+            raise RecipeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the sliders need to know about the loaded model."""
+
+    name: str
+    roles: tuple[str, ...]
+    num_layers: int
+    layer_counts: dict[str, int]  # weights per role in one layer
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def group_params(self, group: tuple[str, ...]) -> int:
+        return self.num_layers * sum(self.layer_counts.get(r, 0) for r in group)
+
+
+def _percent(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"sparsity of {name} must be a number of percent; got {value!r}") from None
+    if not 0.0 <= number <= 100.0:
+        raise RecipeError(f"sparsity of {name} must be between 0 and 100 %; got {number:g}")
+    return round(number / 100.0, 6)
+
+
+def _whole(name: str, value, low: int) -> int:
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError):
+        raise RecipeError(f"{name} must be a whole number; got {value!r}") from None
+    if number < low:
+        raise RecipeError(f"{name} must be at least {low}; got {number}")
+    return number
+
+
+def layer_range(controls: Controls, num_layers: int) -> list[int] | None:
+    """[start, end) of the pruned layers, or None when every layer is pruned."""
+    first = _whole("first layer", controls.layer_first, 0)
+    last = num_layers - 1 if int(float(controls.layer_last)) < 0 else int(float(controls.layer_last))
+    if last >= num_layers or first > last:
+        raise RecipeError(f"layer range {first}..{last} is not inside 0..{num_layers - 1} (first <= last)")
+    return None if (first, last) == (0, num_layers - 1) else [first, last + 1]
+
+
+def calibration_spec(controls: Controls) -> CalibrationSpec:
+    source, path = controls.calibration, None
+    if source == "uploaded file":
+        if not controls.calibration_file:
+            raise RecipeError("calibration 'uploaded file' needs a file: upload a .txt, .jsonl or .parquet")
+        source, path = "file", str(controls.calibration_file)
+    return CalibrationSpec(
+        source=source,
+        nsamples=_whole("calibration samples", controls.nsamples, 1),
+        seqlen=_whole("calibration sequence length", controls.seqlen, 2),
+        seed=_whole("seed", controls.seed, 0),
+        path=path,
+    )
+
+
+def _evaluation(controls: Controls) -> EvalSpec:
+    datasets = []
+    for name in controls.eval_datasets or []:
+        if name == "uploaded file":
+            if not controls.eval_file:
+                raise RecipeError("perplexity on an 'uploaded file' needs a file: upload a text file")
+            datasets.append(str(controls.eval_file))
+        elif name in ("wikitext2", "c4"):
+            datasets.append(name)
+        else:
+            raise RecipeError(f"unknown evaluation dataset {name!r}; choose from {', '.join(EVAL_CHOICES)}")
+    windows = _whole("evaluation windows", controls.eval_windows, 0)
+    return EvalSpec(
+        datasets=datasets,
+        seqlen=_whole("evaluation sequence length", controls.eval_seqlen, 2),
+        max_windows=windows or None,
+    )
+
+
+def build_recipe(controls: Controls, shape: ModelShape) -> Recipe:
+    """The recipe these widget values describe, for the model that is loaded now."""
+    sparsity = {role: _percent(role, getattr(controls, role)) for role in shape.roles}
+    if controls.structure not in STRUCTURES:
+        parse_nm(controls.structure)  # a custom N:M is fine; anything else raises a RecipeError
+    recipe = Recipe(
+        model=shape.name,
+        dtype=shape.dtype,
+        device=shape.device,
+        method=controls.method,
+        structure=controls.structure,
+        sparsity=sparsity,
+        layers=layer_range(controls, shape.num_layers),
+        stats_mode=controls.stats_mode,
+        calibration=calibration_spec(controls),
+        evaluation=_evaluation(controls),
+    )
+    return recipe.validate()
+
+
+def effective_sparsity(recipe: Recipe):
+    """requested(layer, role) as the masks will realise it: N:M prunes N/M of every role it touches."""
+    nm = recipe.nm
+
+    def requested(layer: int, role: str) -> float:
+        value = recipe.sparsity_for(layer, role)
+        return nm[0] / nm[1] if nm and value > 0 else value
+
+    return requested
+
+
+def planned(recipe: Recipe, shape: ModelShape) -> dict[str, int]:
+    """Weights the recipe will prune: all, attention, MLP, and the totals they are counted against."""
+    requested = effective_sparsity(recipe)
+    counts = shape.layer_counts
+
+    def pruned(group: tuple[str, ...]) -> int:
+        table = {r: counts[r] for r in group if r in counts}
+        return planned_pruned_weights(table, shape.num_layers, requested)
+
+    return {
+        "pruned": pruned(ROLES),
+        "attention": pruned(ATTENTION_ROLES),
+        "mlp": pruned(MLP_ROLES),
+        "linear": shape.group_params(ROLES),
+        "attention_params": shape.group_params(ATTENTION_ROLES),
+        "mlp_params": shape.group_params(MLP_ROLES),
+    }
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def readout(recipe: Recipe, shape: ModelShape, total_params: int) -> str:
+    """The markdown readout under the sliders: what pressing the button will remove."""
+    p = planned(recipe, shape)
+
+    def share(part: int, whole: int) -> str:
+        return f"{100 * part / whole:.1f} %" if whole else "-"
+
+    lines = [
+        f"### Will prune **{millions(p['pruned'])}** weights = **{share(p['pruned'], p['linear'])}** "
+        f"of the attention + MLP matrices ({share(p['pruned'], total_params)} of all "
+        f"{millions(total_params)} parameters)",
+        f"Attention: {millions(p['attention'])} ({share(p['attention'], p['attention_params'])})"
+        f" · MLP: {millions(p['mlp'])} ({share(p['mlp'], p['mlp_params'])})",
+    ]
+    if recipe.nm:
+        lines.append(
+            f"{recipe.structure} keeps {recipe.nm[1] - recipe.nm[0]} of every {recipe.nm[1]} weights "
+            "in each role whose slider is above 0 (the slider value itself is not used)."
+        )
+    if recipe.layers:
+        lines.append(f"Only layers {recipe.layers[0]}..{recipe.layers[1] - 1} are pruned.")
+    return "\n\n".join(lines)
+
+
+# ----- presets ------------------------------------------------------------------------------------
+PRESETS = ("uniform", "attention", "mlp", "equal")
+
+
+def preset(name: str, level: float, shape: ModelShape) -> dict[str, float]:
+    """Slider percentages for a preset at ``level`` percent.
+
+    ``equal``: attention at ``level`` and MLP at the sparsity that removes the same number of
+    weights, so attention and MLP can be compared at an equal budget."""
+    level = _percent("preset level", level) * 100
+    attention = level if name in ("uniform", "attention", "equal") else 0.0
+    if name == "equal":
+        mlp_params = shape.group_params(MLP_ROLES)
+        mlp = min(100.0, level * shape.group_params(ATTENTION_ROLES) / mlp_params) if mlp_params else 0.0
+    elif name in ("uniform", "mlp"):
+        mlp = level
+    elif name == "attention":
+        mlp = 0.0
+    else:
+        raise RecipeError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+    return {role: round(attention if role in ATTENTION_ROLES else mlp, 2) for role in ROLES}
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    """One line for the history table: method, structure, per-role sparsity, layers, calibration."""
+    values = recipe.sparsity
+    if len(set(values.values())) == 1 and values:
+        sparsity = f"all {100 * next(iter(values.values())):.0f}%"
+    else:
+        sparsity = " ".join(f"{role} {100 * s:.0f}" for role, s in values.items())
+    layers = f" layers {recipe.layers[0]}-{recipe.layers[1] - 1}" if recipe.layers else ""
+    cal = recipe.calibration
+    calibration = (
+        f", {cal.source} {cal.nsamples}x{cal.seqlen} {recipe.stats_mode}" if recipe.needs_statistics else ""
+    )
+    return f"{recipe.method} {recipe.structure}: {sparsity}{layers}{calibration}"
