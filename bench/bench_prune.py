@@ -30,6 +30,14 @@ from prune.recipe import CalibrationSpec, Recipe, parse_sparsity  # noqa: E402
 from prune.roles import role_map  # noqa: E402
 
 SHAPES = {
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+    ),
     "llama-2-7b": dict(
         hidden_size=4096,
         intermediate_size=11008,
@@ -226,7 +234,7 @@ def main() -> None:
     )
     if device.type == "cuda":
         print(f"    peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(f"    dense weight copy kept on CPU: {pruner.dense.nbytes() / 2**30:.2f} GiB")
+    print(f"    dense weight copy kept on {pruner.dense.device}: {pruner.dense.nbytes() / 2**30:.2f} GiB")
     if seq_ppl is not None:
         print(
             f"perplexity, WikiText-2, {args.eval_windows} windows x 2048 at 50% Wanda: "

@@ -15,13 +15,22 @@ Masks = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> bool (out, in), 
 
 
 class DenseWeights:
-    """CPU copies of every matrix that holds a role, taken once, before any pruning."""
+    """Copies of every matrix that holds a role, taken once, before any pruning.
+
+    Kept on the CPU (pinned, for fast copies back), unless the GPU has room for three times
+    their size: then on the GPU, where restoring a 7B model takes milliseconds, not seconds.
+    """
 
     def __init__(self, model: nn.Module, roles: RoleMap):
         self.model = model
         names = [n for layer in range(roles.num_layers) for n in roles.modules_in_layer(layer)]
-        self.weights = {n: model.get_submodule(n).weight.data.detach().to("cpu", copy=True) for n in names}
-        self.pinned = False
+        params = [model.get_submodule(n).weight.data for n in names]
+        self.device = _snapshot_device(params)
+        pin = self.device.type == "cpu" and params[0].device.type == "cuda"
+        self.weights = {}
+        for name, weight in zip(names, params, strict=True):
+            copy = weight.detach().to(self.device, copy=True)
+            self.weights[name] = copy.pin_memory() if pin else copy
 
     def restore(self, names: list[str] | None = None) -> None:
         """Copy the dense values back, bitwise."""
@@ -32,6 +41,15 @@ class DenseWeights:
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.weights.values())
+
+
+def _snapshot_device(params: list[torch.Tensor]) -> torch.device:
+    device = params[0].device
+    if device.type != "cuda" or any(p.device != device for p in params):
+        return torch.device("cpu")
+    need = sum(p.numel() * p.element_size() for p in params)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if free > 3 * need else torch.device("cpu")
 
 
 def apply_masks(model: nn.Module, roles: RoleMap, masks: Masks) -> None:
