@@ -290,7 +290,7 @@ def test_errors_come_back_as_messages_and_the_app_keeps_serving(server, alice, t
     )
     assert "greater than maximum" in app_error(lambda: prune(alice, q=150))
     assert "less than minimum" in app_error(lambda: prune(alice, nsamples=0))
-    assert "unknown method" in app_error(lambda: prune(alice, method="prune-everything"))
+    assert "not in the list of choices" in app_error(lambda: prune(alice, method="prune-everything"))
     newcomer = client_for(server, tmp_path_factory)
     assert "press 'Prune & evaluate'" in app_error(lambda: generate(newcomer))
     # still serving: the readout answers and alice's pruned model still generates

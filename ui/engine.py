@@ -106,6 +106,7 @@ class Session:
     runs: int = 0
     history: list[dict] = field(default_factory=list)
     last: dict | None = None  # the last run's result summary (what the API returns)
+    studies: dict[str, Any] = field(default_factory=dict)  # study kind -> its last StudyResult
 
     def __deepcopy__(self, memo: dict) -> Session:
         """Gradio deep-copies the State's initial value for every new browser session: a new Session."""
@@ -189,8 +190,16 @@ class Engine:
             "weights_bytes": info["parameters"] * element,
             "dense_copy_bytes": linear * element,  # CPU copy that makes pruning reversible
             "session_masks_bytes": (linear + 7) // 8,
+            "dense_copy_on": self._dense_copy_device(),
         }
         return info
+
+    def _dense_copy_device(self) -> str:
+        """Where the Pruner keeps (or will keep) the dense copy: the GPU when it has room, else the CPU."""
+        dense = self.require().pruner.dense
+        if dense is not None:
+            return str(getattr(dense, "device", "cpu"))
+        return "CPU" if self.lab.loaded.device.type == "cpu" else "on the GPU if it has room, else CPU"
 
     # ----- sessions -------------------------------------------------------------------------------
     def check_session(self, session: Session) -> None:

@@ -15,8 +15,10 @@ from collections.abc import Callable
 import gradio as gr
 import torch
 
+from evaluation.allocate import AllocationError
 from evaluation.generate import GenerationError
 from evaluation.perplexity import EvaluationError
+from evaluation.studies import StudyError
 from prune.calibration import CalibrationError
 from prune.data import DataError
 from prune.models import ModelLoadError
@@ -33,6 +35,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
     EvaluationError,
     StaleSession,
+    StudyError,
+    AllocationError,
     FileNotFoundError,
 )
 OOM_MESSAGE = (

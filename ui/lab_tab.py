@@ -40,6 +40,7 @@ from ui.recipes import (
 WINDOW = re.compile(
     r"^(?P<ds>.+) (?P<which>dense|pruned): window (?P<done>\d+)/(?P<total>\d+), perplexity (?P<ppl>\S+)$"
 )
+TEXT_FILES = [".txt", ".jsonl", ".json", ".parquet"]
 PPL_HEADERS = ["dataset", "dense", "pruned", "pruned / dense", "windows x tokens"]
 HISTORY_HEADERS = [
     "run",
@@ -54,7 +55,7 @@ ROLE_INFO = {
     "q": "query",
     "k": "key",
     "v": "value",
-    "o": "attention output",
+    "o": "output",
     "gate": "MLP gate",
     "up": "MLP up",
     "down": "MLP down",
@@ -71,6 +72,7 @@ class LabTab:
     controls: dict[str, gr.components.Component]
     readout_md: gr.Markdown
     refresh_outputs: list
+    readout_event: dict  # the readout's event wiring, for widgets on other tabs that move sliders
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ def model_markdown(engine: Engine) -> str:
         f"**{info['name']}** · {info['architecture']}, {info['layers']} layers · "
         f"**{millions(info['parameters'])} parameters** · {info['device']} · {info['dtype']}\n\n"
         f"Memory: weights {mem['weights_bytes'] / 2**30:.2f} GiB on {info['device']} + dense copy "
-        f"{mem['dense_copy_bytes'] / 2**30:.2f} GiB (CPU, makes pruning reversible) + "
+        f"{mem['dense_copy_bytes'] / 2**30:.2f} GiB ({mem['dense_copy_on']}, makes pruning reversible) + "
         f"{mem['session_masks_bytes'] / 2**20:.0f} MiB of masks per session{absent}\n\n"
         f"| role | per layer | all layers |\n|---|---|---|\n{rows}"
     )
@@ -321,8 +323,10 @@ def make_handlers(engine: Engine):
 
 
 # ----- layout --------------------------------------------------------------------------------------
-def _slider(label: str, value: float, visible: bool = True, info: str | None = None) -> gr.Slider:
-    return gr.Slider(0, 100, value=value, step=1, label=label, info=info, visible=visible)
+def _slider(
+    label: str, value: float, visible: bool = True, info: str | None = None, step: float = 1
+) -> gr.Slider:
+    return gr.Slider(0, 100, value=value, step=step, label=label, info=info, visible=visible)
 
 
 def build(engine: Engine, defaults: Defaults) -> LabTab:
@@ -363,9 +367,13 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
                     "equal": gr.Button("Same # pruned: attention = MLP", size="sm"),
                 }
             with gr.Row():
-                sliders = {r: _slider(r, 50, r in shape.roles, ROLE_INFO[r]) for r in ATTENTION_ROLES}
+                sliders = {
+                    r: _slider(r, 50, r in shape.roles, ROLE_INFO[r], step=0.1) for r in ATTENTION_ROLES
+                }
             with gr.Row():
-                sliders.update({r: _slider(r, 50, r in shape.roles, ROLE_INFO[r]) for r in MLP_ROLES})
+                sliders.update(
+                    {r: _slider(r, 50, r in shape.roles, ROLE_INFO[r], step=0.1) for r in MLP_ROLES}
+                )
             readout_md = gr.Markdown(elem_classes=["readout"])
             with gr.Row():
                 method = gr.Dropdown(METHOD_CHOICES, value="wanda", label="Method")
@@ -375,42 +383,60 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
                 layer_last = gr.Slider(
                     0, shape.num_layers - 1, value=shape.num_layers - 1, step=1, label="Last pruned layer"
                 )
-            with gr.Accordion("Calibration and evaluation settings", open=False):
+            with gr.Accordion("Calibration and evaluation settings", open=False, elem_id="settings"):
                 with gr.Row():
                     calibration = gr.Radio(CALIBRATION_CHOICES, value="c4", label="Calibration data")
                     stats_mode = gr.Radio(STATS_CHOICES, value="cached", label="Statistics")
                 with gr.Row():
                     nsamples = gr.Number(
-                        defaults.nsamples, precision=0, minimum=1, label="Calibration samples"
+                        defaults.nsamples,
+                        precision=0,
+                        minimum=1,
+                        label="Calibration samples",
+                        elem_id="nsamples",
                     )
-                    seqlen = gr.Number(defaults.seqlen, precision=0, minimum=2, label="Tokens per sample")
+                    seqlen = gr.Number(
+                        defaults.seqlen, precision=0, minimum=2, label="Tokens per sample", elem_id="seqlen"
+                    )
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                calibration_file = gr.File(
-                    label="Calibration text (for 'uploaded file')",
-                    type="filepath",
-                    file_types=[".txt", ".jsonl", ".json", ".parquet"],
-                    height=90,
-                )
                 with gr.Row():
                     eval_datasets = gr.CheckboxGroup(EVAL_CHOICES, value=["wikitext2"], label="Perplexity on")
                     eval_windows = gr.Number(
-                        defaults.eval_windows, precision=0, minimum=0, label="Windows (0 = whole test set)"
+                        defaults.eval_windows,
+                        precision=0,
+                        minimum=0,
+                        label="Windows (0 = whole test set)",
+                        elem_id="eval-windows",
                     )
                     eval_seqlen = gr.Number(
-                        defaults.eval_seqlen, precision=0, minimum=2, label="Tokens per window"
+                        defaults.eval_seqlen,
+                        precision=0,
+                        minimum=2,
+                        label="Tokens per window",
+                        elem_id="eval-seqlen",
                     )
-                eval_file = gr.File(
-                    label="Your own text for perplexity (for 'uploaded file')",
-                    type="filepath",
-                    file_types=[".txt", ".jsonl", ".json", ".parquet"],
-                    height=90,
-                )
-            run_btn = gr.Button("Prune & evaluate", variant="primary", size="lg")
+                with gr.Row():
+                    calibration_file = gr.File(
+                        label="Calibration text ('uploaded file')",
+                        type="filepath",
+                        file_types=TEXT_FILES,
+                        height=130,
+                    )
+                    eval_file = gr.File(
+                        label="Perplexity text ('uploaded file')",
+                        type="filepath",
+                        file_types=TEXT_FILES,
+                        height=130,
+                    )
+            run_btn = gr.Button("Prune & evaluate", variant="primary", size="lg", elem_id="prune-button")
     gr.Markdown("## 3 · Results")
     status_md = gr.Markdown(
-        "Press **Prune & evaluate**: dense and pruned perplexity appear window by window."
+        "Press **Prune & evaluate**: dense and pruned perplexity appear window by window.",
+        elem_id="run-status",
     )
-    ppl_table = gr.Dataframe(headers=PPL_HEADERS, label="Perplexity (lower is better)", interactive=False)
+    ppl_table = gr.Dataframe(
+        headers=PPL_HEADERS, label="Perplexity (lower is better)", interactive=False, elem_id="ppl-table"
+    )
     with gr.Row():
         role_plot = gr.Plot(label="Sparsity per role", format="png")
         heat_plot = gr.Plot(label="Sparsity per layer", format="png")
@@ -466,7 +492,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         **HEAVY,
     )
     clear_btn.click(clear_history, [session], [history_table, history_fig], api_name="clear_history", **LIGHT)
-    return LabTab(session, model_md, sliders, controls, readout_md, refresh_outputs)
+    return LabTab(session, model_md, sliders, controls, readout_md, refresh_outputs, readout_event)
 
 
 def _group(source: gr.Slider, targets: list[gr.Slider]):

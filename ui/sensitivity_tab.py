@@ -17,14 +17,15 @@ import gradio as gr
 
 from evaluation import plots as study_plots
 from evaluation import studies
+from evaluation.allocate import SELECT_WINDOWS, allocate, held_out_text
 from evaluation.tasks import ALL7
-from prune.recipe import RecipeError
+from prune.recipe import EvalSpec, Recipe, RecipeError
 from prune.roles import ROLES
 from ui.common import HEAVY, PROGRESS
 from ui.engine import Engine, Session, run_job
 from ui.errors import user_errors
 from ui.export_tab import EXPORT_ROOT
-from ui.lab_tab import LabTab
+from ui.lab_tab import LabTab, no_api
 from ui.recipes import Controls, Defaults, calibration_spec
 
 KIND_CHOICES = [
@@ -159,6 +160,7 @@ def make_handlers(engine: Engine):
                     None,
                 ]
         result = payload
+        session.studies[result.settings.kind] = result
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
         resumed = f", {len(result.skipped)} resumed from an earlier run" if result.skipped else ""
         status = (
@@ -168,14 +170,71 @@ def make_handlers(engine: Engine):
         )
         yield [*figures(result), point_rows(result), status, archive]
 
+    @user_errors
+    def allocate_sliders(target: float, refine: bool, session: Session, progress=PROGRESS) -> Iterator[list]:
+        lab = engine.require()
+        study = session.studies.get("single")
+        if study is None:
+            raise gr.Error(
+                "Run a single study first (all roles): its curves tell the allocator which roles are "
+                "cheap to prune."
+            )
+        if study.model.get("name") != lab.loaded.name:
+            raise gr.Error(
+                f"Your single study was measured on {study.model.get('name')}; run it again on this model."
+            )
+        fraction = float(target) / 100
+        if not 0 < fraction < 1:
+            raise gr.Error("the target must be between 0 and 100 %")
+        folder = EXPORT_ROOT / f"session-{session.uid}" / "allocate"
+
+        def work(emit):
+            with lab.pruner.lock:
+                if not refine:
+                    return allocate(lab, fraction, study, log=lambda m: emit("log", m))
+                held_out = held_out_text(folder)
+                seqlen = study.settings.eval_seqlen
+
+                def evaluate(recipe: Recipe) -> float:
+                    lab.pruner.prune(recipe)
+                    return lab.perplexity(held_out, seqlen, SELECT_WINDOWS).perplexity
+
+                base = Recipe(
+                    model=lab.loaded.name,
+                    stats_mode="cached",
+                    calibration=study.settings.calibration,
+                    evaluation=EvalSpec([held_out], seqlen, SELECT_WINDOWS),
+                )
+                try:
+                    return allocate(
+                        lab, fraction, study, refine=evaluate, base=base, log=lambda m: emit("log", m)
+                    )
+                finally:
+                    lab.pruner.restore()
+
+        log: list[str] = []
+        for kind, payload in run_job(work):
+            if kind == "log":
+                log.append(payload)
+                progress(None, desc=payload[:120])
+        allocation = payload
+        values = [round(100 * allocation.sparsity.get(role, 0.0), 1) for role in ROLES]
+        chosen = ", ".join(f"{r} {100 * s:.1f} %" for r, s in allocation.sparsity.items())
+        refined = "" if allocation.alpha is None or not refine else f" (refined: alpha {allocation.alpha:g})"
+        text = (
+            f"**Allocation for {target:g} % of all role weights**{refined}: {chosen}.  \n"
+            "The sliders on the **Prune** tab are set: press *Prune & evaluate* to compare it with uniform."
+        )
+        yield [*values, text]
+
     def grid_for(kind: str) -> str:
         return default_grid(kind, engine.require().loaded.device.type)
 
-    return run, grid_for
+    return run, allocate_sliders, grid_for
 
 
 def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
-    run, grid_for = make_handlers(engine)
+    run, allocate_sliders, grid_for = make_handlers(engine)
     device = engine.require().loaded.device.type
     present = list(engine.require().loaded.roles.roles)
     gr.Markdown(
@@ -216,7 +275,24 @@ def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
     with gr.Row():
         points = gr.Dataframe(headers=POINT_HEADERS, label="Points", interactive=False, scale=3)
         download = gr.File(label="Results folder (.zip)", interactive=False, scale=1)
+    gr.Markdown("### Allocate: fill the per-role sliders for a target")
+    with gr.Row():
+        target = gr.Slider(5, 90, value=50, step=1, label="Target: % of all attention + MLP weights", scale=3)
+        refine = gr.Checkbox(False, label="Refine on held-out text (a few evaluations)", scale=1)
+        allocate_btn = gr.Button("Allocate", variant="secondary", scale=1)
+    allocation_md = gr.Markdown(
+        "Uses your last **single** study: the budget goes to the roles whose perplexity grows least "
+        "per pruned weight."
+    )
     kind.change(grid_for, kind, grid, api_name=False, queue=False)
+    role_sliders = [lab_tab.sliders[r] for r in ROLES]
+    allocate_btn.click(
+        allocate_sliders,
+        [target, refine, lab_tab.session],
+        [*role_sliders, allocation_md],
+        api_name="allocate",
+        **HEAVY,
+    ).success(**no_api(lab_tab.readout_event))
     calibration = {
         name: lab_tab.controls[name]
         for name in ("calibration", "calibration_file", "nsamples", "seqlen", "seed")
