@@ -25,6 +25,7 @@ from ui.recipes import Controls, ModelShape, build_recipe, planned, preset, read
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for a shared 2-core CPU: 4 x 128 calibration tokens, 2 windows of 128 tokens.
 SMALL = dict(nsamples=4, seqlen=128, eval_windows=2, eval_seqlen=128, calibration_file=None, eval_file=None)
+ROLE_PARAMS = [9953280, 3317760, 3317760, 9953280, 26542080, 26542080, 26542080]  # SmolLM2 q..down
 LAST_RUN: dict[str, dict] = {}  # session -> summary of its last run, for the export tests
 PROMPT = "What is the capital of France?"
 DECODE = dict(max_new_tokens=20, greedy=True, temperature=0.7, top_p=0.9, seed=0, chat=True)
@@ -173,7 +174,10 @@ def app_error(call) -> str:
 
 @pytest.mark.model
 def test_prune_50_percent_wanda_then_reprune_from_cached_statistics(alice):
-    first = prune(alice)
+    job = alice.submit(api_name="/prune", **SMALL)
+    first = job.result(timeout=900)[4]
+    tables = [out[1]["data"] for out in job.outputs() if isinstance(out[1], dict) and out[1].get("data")]
+    assert any("(window 1/2)" in str(t) for t in tables)  # perplexity streamed window by window
     assert first["stats_source"] == "cached: computed" and first["calibration_passes"] == 1
     report = first["report"]
     assert report["linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
@@ -278,6 +282,31 @@ def test_two_concurrent_sessions_keep_their_own_pruning(server, alice, tmp_path_
     # after both, alice's answers come from alice's masks again
     assert generate(alice) == before
     assert generate(bob)[1] != before[1]
+
+
+@pytest.mark.model
+def test_downstream_tasks_study_and_allocate(alice):
+    estimate = alice.predict(["rte"], 2, True, api_name="/tasks_estimate")
+    assert "Estimated time" in estimate
+    table, _, status, raw = alice.predict(["rte"], 2, True, api_name="/tasks")
+    assert [row[:2] for row in table["data"]] == [["rte", "acc"], ["mean", "acc"]]
+    assert raw["limit"] == 2 and raw["pruned"]["tasks"]["rte"]["n"] == 2
+    assert 0 <= raw["rows"][0]["pruned"] <= 1 and raw["rows"][0]["dense"] is not None
+
+    calibration = {k: SMALL[k] for k in ("nsamples", "seqlen", "calibration_file")}
+    job = alice.submit("single", "50", [], 1, 64, "wikitext2", [], 0, calibration="c4", seed=0, **calibration,
+                       api_name="/study")  # fmt: skip
+    final = job.result(timeout=600)
+    partial = [out for out in job.outputs() if out[2] and isinstance(out[2], dict) and out[2].get("data")]
+    assert len({len(out[2]["data"]) for out in partial}) >= 3  # the table filled in point by point
+    points = {row[0]: row for row in final[2]["data"]}
+    assert set(points) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(row[3] > row[4] for row in points.values())  # each role at 50 % is worse than dense
+    assert "0 calibration pass" in final[3] and final[4].endswith(".zip")
+
+    *values, text = alice.predict(30, False, api_name="/allocate")
+    budget = sum(v * n for v, n in zip(values, ROLE_PARAMS, strict=True)) / sum(ROLE_PARAMS)
+    assert budget == pytest.approx(30, abs=0.2) and "Allocation for 30 %" in text
 
 
 @pytest.mark.model

@@ -107,7 +107,7 @@ def make_handlers(engine: Engine):
         status = (
             f"Run #{session.runs}: {len(result['tasks'])} tasks, {scope} per task, {result['seconds']:.0f} s."
         )
-        yield [table(result["rows"]), plots.task_bars(result["rows"]), status, result]
+        yield [table(result["rows"]), plots.render(plots.task_bars, result["rows"]), status, result]
 
     return estimate, run_tasks
 
@@ -126,7 +126,7 @@ def build(engine: Engine, defaults: Defaults, session: gr.State) -> None:
     status = gr.Markdown()
     with gr.Row():
         results = gr.Dataframe(headers=HEADERS, label="Accuracy (%)", interactive=False)
-        chart = gr.Plot(label="Dense vs pruned", format="png")
+        chart = gr.Image(label="Dense vs pruned", type="pil", format="png", interactive=False)
     with gr.Accordion("Raw result (JSON)", open=False):
         raw = gr.JSON()
     for component in (tasks, limit, dense):

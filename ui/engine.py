@@ -8,12 +8,12 @@ it reads a single weight. Sessions keep their masks bit-packed on the CPU (1 bit
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import os
 import queue
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +92,11 @@ class PackedMasks:
         return sum(bits.nbytes for bits, _ in self.bits.values())
 
 
-_session_ids = itertools.count(1)
-
-
 @dataclass
 class Session:
     """What one browser tab (or API client) owns: its last recipe, masks and run history."""
 
-    uid: int = field(default_factory=lambda: next(_session_ids))
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # unique across app restarts too
     recipe: Recipe | None = None
     masks: PackedMasks | None = None
     model_token: int = -1  # which model load the masks belong to
@@ -112,7 +109,7 @@ class Session:
         """Gradio deep-copies the State's initial value for every new browser session: a new Session."""
         return Session()
 
-    def owner(self) -> tuple[int, int]:
+    def owner(self) -> tuple[str, int]:
         return (self.uid, self.runs)
 
 
@@ -130,7 +127,7 @@ class Engine:
         self.token = 0  # bumped by every successful load
         self.offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         self.tokens_per_s: float | None = None  # last measured forward throughput (for time estimates)
-        self._applied: tuple[tuple[int, int], Masks] | None = None  # (session owner, pruner.masks it set)
+        self._applied: tuple[tuple[str, int], Masks] | None = None  # (session owner, pruner.masks it set)
         self._load_lock = threading.Lock()
 
     # ----- the model ------------------------------------------------------------------------------

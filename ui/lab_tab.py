@@ -303,21 +303,21 @@ def make_handlers(engine: Engine):
         yield [
             status_markdown(summary),
             ppl_rows(live),
-            plots.role_bars(summary["report"]),
-            plots.layer_heatmap(summary["report"]),
+            plots.render(plots.role_bars, summary["report"]),
+            plots.render(plots.layer_heatmap, summary["report"]),
             summary,
             history_rows(session.history),
-            plots.history_plot(session.history),
+            plots.render(plots.history_plot, session.history),
         ]
 
     @user_errors
     def show_history(session: Session) -> list:
-        return [history_rows(session.history), plots.history_plot(session.history)]
+        return [history_rows(session.history), plots.render(plots.history_plot, session.history)]
 
     @user_errors
     def clear_history(session: Session) -> list:
         session.history.clear()
-        return [history_rows(session.history), plots.history_plot(session.history)]
+        return [history_rows(session.history), plots.render(plots.history_plot, session.history)]
 
     return load_model, live_readout, apply_preset, prune_and_evaluate, show_history, clear_history
 
@@ -438,14 +438,16 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         headers=PPL_HEADERS, label="Perplexity (lower is better)", interactive=False, elem_id="ppl-table"
     )
     with gr.Row():
-        role_plot = gr.Plot(label="Sparsity per role", format="png")
-        heat_plot = gr.Plot(label="Sparsity per layer", format="png")
+        role_plot = gr.Image(label="Sparsity per role", type="pil", format="png", interactive=False)
+        heat_plot = gr.Image(label="Sparsity per layer", type="pil", format="png", interactive=False)
     with gr.Accordion("Raw result (JSON)", open=False):
         result_json = gr.JSON(label="Last run")
     gr.Markdown("## 4 · This session's runs")
     with gr.Row():
         history_table = gr.Dataframe(headers=HISTORY_HEADERS, label="History", interactive=False, wrap=True)
-        history_fig = gr.Plot(label="Perplexity vs pruned weights", format="png")
+        history_fig = gr.Image(
+            label="Perplexity vs pruned weights", type="pil", format="png", interactive=False
+        )
     clear_btn = gr.Button("Clear history", size="sm")
 
     controls = {

@@ -1,22 +1,47 @@
-"""Matplotlib figures for the page, drawn with the object API (no pyplot state, so threads are safe).
+"""Matplotlib figures for the page, rendered to images one at a time.
 
+Matplotlib's mathtext parser (log-axis tick labels) and pyplot are not thread-safe, and Gradio
+renders outputs in worker threads while jobs keep drawing; so every figure is built and rasterised
+under one lock (``render``) and the page gets a finished PNG image.
 Large fonts and few colors: the lab is meant to be read from the back of a classroom.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import threading
+from collections.abc import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+PLOT_LOCK = threading.Lock()
 
 DENSE = "#7f8c8d"
 PRUNED = "#d35400"
 REQUESTED = "#95a5a6"
 SERIES = ["#d35400", "#2471a3", "#229954", "#8e44ad", "#c0392b", "#17a589"]
 FONT = {"font.size": 13, "axes.titlesize": 15, "axes.labelsize": 13}
+
+
+def render(draw: Callable[..., Figure], *args) -> Image.Image:
+    """``draw(*args)`` rasterised to a PNG image, under the one plotting lock."""
+    buffer = io.BytesIO()
+    with PLOT_LOCK:
+        fig = draw(*args)
+        try:
+            fig.savefig(buffer, format="png", dpi=100)
+        finally:
+            plt.close(fig)  # figures made with pyplot (evaluation.plots) must be released
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    return image
 
 
 def _figure(width: float = 7.0, height: float = 4.2) -> Figure:

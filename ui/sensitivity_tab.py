@@ -21,6 +21,7 @@ from evaluation.allocate import SELECT_WINDOWS, allocate, held_out_text
 from evaluation.tasks import ALL7
 from prune.recipe import EvalSpec, Recipe, RecipeError
 from prune.roles import ROLES
+from ui import plots
 from ui.common import HEAVY, PROGRESS
 from ui.engine import Engine, Session, run_job
 from ui.errors import user_errors
@@ -85,12 +86,12 @@ def figures(result: studies.StudyResult) -> list:
     kind = result.settings.kind
     if kind == "single":
         return [
-            study_plots.figure_rate_vs_perplexity(result),
-            study_plots.figure_weights_vs_perplexity(result),
+            plots.render(study_plots.figure_rate_vs_perplexity, result),
+            plots.render(study_plots.figure_weights_vs_perplexity, result),
         ]
     if kind == "combined":
-        return [study_plots.figure_groups(result), None]
-    return [study_plots.figure_downstream(result), None]
+        return [plots.render(study_plots.figure_groups, result), None]
+    return [plots.render(study_plots.figure_downstream, result), None]
 
 
 def study_folder(session: Session, settings: dict) -> Path:
@@ -145,6 +146,7 @@ def make_handlers(engine: Engine):
                     out_dir=folder,
                     progress=lambda f, m: emit("progress", (f, m)),
                     on_point=on_point,
+                    plots=False,  # drawn below, under the plotting lock
                     **options,
                 )
 
@@ -161,6 +163,8 @@ def make_handlers(engine: Engine):
                 ]
         result = payload
         session.studies[result.settings.kind] = result
+        with plots.PLOT_LOCK:
+            studies.write_outputs(result, folder)  # PNG plots and summary.md beside the CSV
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
         resumed = f", {len(result.skipped)} resumed from an earlier run" if result.skipped else ""
         status = (
@@ -270,8 +274,8 @@ def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
     button = gr.Button("Run study", variant="primary", size="lg")
     status = gr.Markdown()
     with gr.Row():
-        plot_a = gr.Plot(label="Study plot", format="png")
-        plot_b = gr.Plot(label="Study plot", format="png")
+        plot_a = gr.Image(label="Study plot", type="pil", format="png", interactive=False)
+        plot_b = gr.Image(label="Study plot", type="pil", format="png", interactive=False)
     with gr.Row():
         points = gr.Dataframe(headers=POINT_HEADERS, label="Points", interactive=False, scale=3)
         download = gr.File(label="Results folder (.zip)", interactive=False, scale=1)
