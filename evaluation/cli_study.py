@@ -1,0 +1,258 @@
+"""``python -m prune study KIND``: the sensitivity studies and the allocation comparison from a shell.
+
+Every study resumes: run the same command again after an interruption and finished points are
+skipped. Results, plots and a summary land in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evaluation import studies
+from prune.models import DEFAULT_MODEL
+from prune.recipe import CalibrationSpec, RecipeError
+
+EPILOG = """\
+defaults (chosen so the single study of all seven roles on SmolLM2-135M fits in 30 minutes on a CPU
+at ~2 s per 512-token forward pass):
+  calibration: 32 x 512 tokens of C4, ONE dense pass; its statistics are cached and every point reuses
+    them (no calibration pass per point);
+  evaluation: the first 8 windows x 512 tokens of WikiText-2 test per point (--windows N to change,
+    --full or --windows 0 for the full protocol); the allocate comparison defaults to 32 windows;
+  single: 7 roles x 13 rates (0..100% by 10%, 95%, 99%) = 91 points: 84 pruned evaluations plus one
+    dense evaluation that every 0% point shares.
+rates and targets are fractions (0.5) or percents (50).
+
+examples:
+  python -m prune study single --out results/study-single
+  python -m prune study single --roles q,down --grid 0,0.5,0.9 --windows 4 --out /tmp/s
+  python -m prune study combined --out results/study-combined
+  python -m prune study downstream --out results/study-downstream
+  python -m prune study downstream --budgets 0.1,0.2 --tasks arc_easy,boolq --limit 200 --out /tmp/d
+  python -m prune study allocate --targets 0.5,0.6 --full --out results/allocate
+"""
+
+ALLOCATE_HELP = """\
+Compare, at each target (fraction of all role weights pruned) and at the SAME number of pruned weights:
+uniform Wanda; OWL (per-layer sparsity from the layers' outlier ratios, in [S-lam, S+lam]); the
+allocator (per-role sparsities by greedy marginal cost on single-role sensitivity curves, refined by a
+few evaluations on held-out text); and allocator+OWL. Sensitivity curves are measured on held-out text
+into OUT/curves (or taken from --curves). Writes allocation.{md,csv,json,png} in OUT; resumes.
+"""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return [v / 100 if v > 1 else v for v in values]  # 50 means 50%
+
+
+def _common(p: argparse.ArgumentParser, windows: int = studies.DEFAULT_WINDOWS) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"offline alias, hub id or folder ({DEFAULT_MODEL})"
+    )
+    p.add_argument("--out", help="results folder (default results/study-KIND); re-running resumes it")
+    p.add_argument("--fresh", action="store_true", help="ignore finished points in --out and start over")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=windows,
+        help=f"evaluation windows of --eval-seqlen tokens (default {windows}; 0: the full protocol)",
+    )
+    p.add_argument("--full", action="store_true", help="the full evaluation protocol (same as --windows 0)")
+    p.add_argument(
+        "--eval-seqlen", type=int, default=studies.DEFAULT_EVAL_SEQLEN, help="tokens per window (512)"
+    )
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4 or a text file (wikitext2)")
+    p.add_argument("--calibration", default="c4", help="c4, wikitext2, generated or a text file (c4)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (32)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (512)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
+    p.add_argument("--batch-size", type=int, help="calibration batch size (default 1 on CPU, 8 on GPU)")
+    p.add_argument("--data-dir", help="offline data folder (default: $PRUNING_LAB_DATA)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
+    p.add_argument("--no-plots", action="store_true", help="write CSV/JSON only")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prune study",
+        description="Sensitivity studies of Wanda pruning per module, and automatic per-module allocation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    single = sub.add_parser("single", help="each role alone over a grid of rates, the others dense")
+    single.add_argument("--roles", help="comma list of roles (default: all the model has)")
+    single.add_argument(
+        "--grid", type=_floats, help="rates, e.g. 0,0.1,...,1 (default 0..1 by 0.1, .95, .99)"
+    )
+    combined = sub.add_parser("combined", help="attention only vs MLP only vs uniform over rates")
+    combined.add_argument("--grid", type=_floats, help="rates (default 0.1..0.9 by 0.1)")
+    down = sub.add_parser("downstream", help="attention/MLP/uniform matched by number of pruned weights")
+    down.add_argument(
+        "--budgets",
+        "--grid",
+        dest="grid",
+        type=_floats,
+        help="fractions of all role weights (0.05,0.1,0.15,0.2)",
+    )
+    down.add_argument("--tasks", help="lm-eval tasks (comma list or all7); omitted: perplexity only")
+    down.add_argument("--limit", type=int, help="examples per task (default: the full split)")
+    alloc = sub.add_parser(
+        "allocate",
+        help="uniform vs OWL vs the allocator at the same pruned weights",
+        description=ALLOCATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _allocate_args(alloc)
+    for sp in (single, combined, down):
+        _common(sp)
+    _common(alloc, windows=32)  # the comparison's evaluation; the curves use --select-windows
+    return p
+
+
+def _allocate_args(p: argparse.ArgumentParser) -> None:
+    from evaluation import allocate as al
+
+    p.add_argument(
+        "--targets",
+        type=_floats,
+        default=[0.5, 0.6],
+        help="global sparsities, fractions of all role weights (0.5,0.6)",
+    )
+    p.add_argument(
+        "--curves",
+        help="a single-study folder to take sensitivities from (default: measure them in OUT/curves)",
+    )
+    p.add_argument("--curve-grid", type=_floats, default=al.CURVE_GRID, help="rates of the measured curves")
+    p.add_argument(
+        "--select-data",
+        help="held-out text the allocator's own evaluations use (default: WikiText-2 validation from the "
+        "data folder, else c4), never the test set that the comparison reports",
+    )
+    p.add_argument("--select-windows", type=int, default=al.SELECT_WINDOWS, help="windows for selection (8)")
+    p.add_argument(
+        "--bounds", type=_floats, default=list(al.BOUNDS), help="min,max sparsity per role (0,0.9)"
+    )
+    p.add_argument("--lam", type=float, default=al.OWL_LAMBDA, help="OWL: layer sparsity in [S-lam, S+lam]")
+    p.add_argument("--outlier-m", type=float, default=al.OWL_M, help="OWL: outlier if score > M x mean (5)")
+    p.add_argument("--no-refine", action="store_true", help="take the greedy allocation as is")
+
+
+def study(argv: list[str]) -> int:
+    from evaluation.lab import Lab
+    from prune.cli import _Bar
+    from prune.paths import set_data_dir
+    from prune.recipe import Recipe
+
+    args = parser().parse_args(argv)
+    set_data_dir(args.data_dir)
+    windows = None if args.full or args.windows == 0 else args.windows
+    if windows is not None and windows < 0:
+        raise RecipeError("--windows must be >= 0")
+    out = Path(args.out or f"results/study-{args.kind}")
+    calibration = _calibration(args)
+    bar = _Bar(args.quiet)
+    lab = Lab.open(Recipe(model=args.model, dtype=args.dtype, device=args.device), bar.message)
+    if args.batch_size:
+        lab.pruner.batch_size = args.batch_size
+    if args.kind == "allocate":
+        return _allocate(args, lab, calibration, windows, out, bar)
+    result = studies.run_study(
+        lab,
+        args.kind,
+        getattr(args, "grid", None),
+        windows,
+        out,
+        bar,
+        lambda point, res: bar.message(_point_line(point)),
+        roles=args.roles.split(",") if getattr(args, "roles", None) else None,
+        dataset=args.dataset,
+        eval_seqlen=args.eval_seqlen,
+        calibration=calibration,
+        tasks=_tasks(args),
+        limit=getattr(args, "limit", None),
+        fresh=args.fresh,
+        plots=not args.no_plots,
+    )
+    if bar.bar is not None:
+        bar.bar.close()
+    print(
+        json.dumps(
+            {
+                "points": len(result.points),
+                "measured": len(result.points) - len(result.skipped),
+                "resumed": len(result.skipped),
+                "calibration_passes": result.calibration_passes,
+                "seconds": round(result.seconds, 1),
+                "files": result.files,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _calibration(args: argparse.Namespace) -> CalibrationSpec:
+    known = args.calibration in ("c4", "wikitext2", "generated")
+    return CalibrationSpec(
+        source=args.calibration if known else "file",
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        path=None if known else args.calibration,
+    )
+
+
+def _tasks(args: argparse.Namespace) -> list[str] | None:
+    if not getattr(args, "tasks", None):
+        return None
+    from evaluation.tasks import expand_tasks
+
+    return expand_tasks(args.tasks)
+
+
+def _point_line(point: studies.StudyPoint) -> str:
+    acc = f", acc {point.accuracy:.4f}" if point.accuracy is not None else ""
+    return (
+        f"{point.series:>9} @ {point.rate:6.1%}: ppl {point.perplexity:10.3f}{acc}  "
+        f"pruned {point.pruned:>11,} ({point.linear_sparsity:6.2%} of role weights)  "
+        f"prune {point.prune_s:5.1f}s eval {point.eval_s:5.1f}s"
+    )
+
+
+def _allocate(args, lab, calibration: CalibrationSpec, windows: int | None, out: Path, bar) -> int:
+    from evaluation import allocate as al
+
+    report = al.compare(
+        lab,
+        args.targets,
+        out,
+        calibration=calibration,
+        dataset=args.dataset,
+        windows=windows,
+        eval_seqlen=args.eval_seqlen,
+        curves=args.curves,
+        curve_grid=args.curve_grid,
+        select_data=args.select_data,
+        select_windows=args.select_windows,
+        bounds=tuple(args.bounds),
+        lam=args.lam,
+        outlier_m=args.outlier_m,
+        refine=not args.no_refine,
+        progress=bar,
+        log=bar.message,
+    )
+    if bar.bar is not None:
+        bar.bar.close()
+    print(report["markdown"])
+    print(json.dumps({"files": report["files"]}, indent=2), file=sys.stderr)
+    return 0
