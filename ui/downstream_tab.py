@@ -16,6 +16,7 @@ from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS
 from ui.engine import Engine, Session, run_job
 from ui.errors import user_errors
+from ui.lab_tab import figure_box
 from ui.recipes import Defaults
 
 HEADERS = ["task", "metric", "dense", "pruned", "delta", "n"]
@@ -126,7 +127,7 @@ def build(engine: Engine, defaults: Defaults, session: gr.State) -> None:
     status = gr.Markdown()
     with gr.Row():
         results = gr.Dataframe(headers=HEADERS, label="Accuracy (%)", interactive=False)
-        chart = gr.Image(label="Dense vs pruned", type="pil", format="png", interactive=False)
+        chart = figure_box("Dense vs pruned")
     with gr.Accordion("Raw result (JSON)", open=False):
         raw = gr.JSON()
     for component in (tasks, limit, dense):

@@ -42,6 +42,7 @@ WINDOW = re.compile(
 )
 TEXT_FILES = [".txt", ".jsonl", ".json", ".parquet"]
 PPL_HEADERS = ["dataset", "dense", "pruned", "pruned / dense", "windows x tokens"]
+HISTORY_WIDTHS = ["6%", "38%", "9%", "10%", "20%", "9%", "8%"]
 HISTORY_HEADERS = [
     "run",
     "recipe",
@@ -213,7 +214,7 @@ def history_rows(history: list[dict]) -> list[list]:
                 millions(run["pruned"]),
                 ppl,
                 "yes" if run["calibration_passes"] else "no",
-                run["seconds"],
+                round(run["seconds"], 1),
             ]
         )
     return rows
@@ -323,6 +324,11 @@ def make_handlers(engine: Engine):
 
 
 # ----- layout --------------------------------------------------------------------------------------
+def figure_box(label: str) -> gr.Image:
+    """A rendered figure; its title is inside the image, so no label badge covers it."""
+    return gr.Image(label=label, show_label=False, type="pil", format="png", interactive=False)
+
+
 def _slider(
     label: str, value: float, visible: bool = True, info: str | None = None, step: float = 1
 ) -> gr.Slider:
@@ -438,17 +444,17 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         headers=PPL_HEADERS, label="Perplexity (lower is better)", interactive=False, elem_id="ppl-table"
     )
     with gr.Row():
-        role_plot = gr.Image(label="Sparsity per role", type="pil", format="png", interactive=False)
-        heat_plot = gr.Image(label="Sparsity per layer", type="pil", format="png", interactive=False)
+        role_plot = figure_box("Sparsity per role")
+        heat_plot = figure_box("Sparsity per layer")
     with gr.Accordion("Raw result (JSON)", open=False):
         result_json = gr.JSON(label="Last run")
     gr.Markdown("## 4 · This session's runs")
+    history_table = gr.Dataframe(
+        headers=HISTORY_HEADERS, label="History", interactive=False, wrap=True, column_widths=HISTORY_WIDTHS
+    )
     with gr.Row():
-        history_table = gr.Dataframe(headers=HISTORY_HEADERS, label="History", interactive=False, wrap=True)
-        history_fig = gr.Image(
-            label="Perplexity vs pruned weights", type="pil", format="png", interactive=False
-        )
-    clear_btn = gr.Button("Clear history", size="sm")
+        history_fig = figure_box("Perplexity vs pruned weights")
+        clear_btn = gr.Button("Clear history", size="sm", scale=0, min_width=160)
 
     controls = {
         **sliders,

@@ -72,7 +72,7 @@ def role_bars(report: dict) -> Figure:
     ax.set_xticks(list(x), roles)
     ax.set_ylim(0, 105)
     ax.set_ylabel("sparsity (%)")
-    ax.set_title(f"Per role: {100 * report['linear_sparsity']:.1f} % of attention + MLP weights pruned")
+    ax.set_title(f"Per role ({100 * report['linear_sparsity']:.1f} % overall)")
     ax.legend(loc="upper right", fontsize=10)
     return fig
 
@@ -82,7 +82,7 @@ def layer_heatmap(report: dict) -> Figure:
     per_layer = report["per_layer"]
     roles = list(report["roles"])
     grid = [[100 * row.get(r, 0.0) for r in roles] for row in per_layer]
-    fig = _figure(7.0, max(3.6, min(9.0, 0.16 * len(per_layer) + 1.6)))
+    fig = _figure()  # the same size as the role bars beside it
     ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=100, interpolation="nearest")
     ax.set_xticks(range(len(roles)), roles)

@@ -267,7 +267,7 @@ def preset(name: str, level: float, shape: ModelShape) -> dict[str, float]:
         mlp = 0.0
     else:
         raise RecipeError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
-    return {role: round(attention if role in ATTENTION_ROLES else mlp, 2) for role in ROLES}
+    return {role: round(attention if role in ATTENTION_ROLES else mlp, 1) for role in ROLES}
 
 
 def recipe_summary(recipe: Recipe) -> str:

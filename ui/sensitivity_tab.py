@@ -26,7 +26,7 @@ from ui.common import HEAVY, PROGRESS
 from ui.engine import Engine, Session, run_job
 from ui.errors import user_errors
 from ui.export_tab import EXPORT_ROOT
-from ui.lab_tab import LabTab, no_api
+from ui.lab_tab import LabTab, figure_box, no_api
 from ui.recipes import Controls, Defaults, calibration_spec
 
 KIND_CHOICES = [
@@ -274,8 +274,8 @@ def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
     button = gr.Button("Run study", variant="primary", size="lg")
     status = gr.Markdown()
     with gr.Row():
-        plot_a = gr.Image(label="Study plot", type="pil", format="png", interactive=False)
-        plot_b = gr.Image(label="Study plot", type="pil", format="png", interactive=False)
+        plot_a = figure_box("Study plot")
+        plot_b = figure_box("Study plot")
     with gr.Row():
         points = gr.Dataframe(headers=POINT_HEADERS, label="Points", interactive=False, scale=3)
         download = gr.File(label="Results folder (.zip)", interactive=False, scale=1)
