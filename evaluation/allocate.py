@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from evaluation.lab import Lab
-from evaluation.studies import StudyResult, load_study, run_study
+from evaluation.studies import StudyResult, default_calibration, load_study, run_study
 from prune.masks import wanda_scores
 from prune.paths import data_dir
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
@@ -234,6 +234,9 @@ class Allocation:
     alpha: float | None = None  # the refinement's choice (0: uniform, 1: the greedy allocation)
     trials: list[dict] = field(default_factory=list)  # the refinement's held-out evaluations
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def recipe(self, base: Recipe) -> Recipe:
         """``base`` (calibration, evaluation, model) with this allocation's sparsities."""
         return dataclasses.replace(
@@ -301,20 +304,32 @@ def with_owl_offsets(
 def allocate(
     lab: Lab,
     target: float,
-    curves: Mapping[str, Curve] | StudyResult,
+    curves: Mapping[str, Curve] | StudyResult | str | Path,
     *,
     bounds: tuple[float, float] = BOUNDS,
     refine: Callable[[Recipe], float] | None = None,
     alphas: Sequence[float] = ALPHAS,
     base: Recipe | None = None,
+    owl: bool = False,
+    lam: float = OWL_LAMBDA,
     log: Log = lambda m: None,
 ) -> Allocation:
     """Per-role sparsities for a global ``target`` (fraction of all role weights), matched to uniform
-    Wanda's pruned count. ``curves``: a single study's result or cost curves. ``refine(recipe)``:
-    perplexity on held-out text; given, the allocator tries ``uniform + alpha * (greedy - uniform)``
-    for each alpha (and uniform itself) and keeps the best. Use ``with_owl_offsets`` for per-layer."""
+    Wanda's pruned count: ``.sparsity`` (role -> fraction), ``.per_layer`` (with ``owl=True``: layer ->
+    role -> fraction, OWL's layer offsets added), ``.recipe(base)`` (a runnable Recipe).
+
+    ``curves``: a single study's result, its folder, or cost curves. ``refine(recipe) -> perplexity``
+    on held-out text: given, the allocator tries ``uniform + alpha * (greedy - uniform)`` for each
+    alpha (and uniform itself) and keeps the best. ``base``: calibration and evaluation of the
+    recipes (default: cached statistics of the studies' default calibration)."""
+    if isinstance(curves, (str, Path)):
+        study = load_study(curves)
+        if study is None:
+            raise AllocationError(f"{curves} holds no single-study results")
+        curves = study
     if isinstance(curves, StudyResult):
         curves = curves_from_study(curves)
+    base = base or Recipe(model=lab.loaded.name, stats_mode="cached", calibration=default_calibration())
     shape = shapes(lab)
     layers = lab.loaded.roles.num_layers
     params = {r: layers * rows * cols for r, (rows, cols) in shape.items()}
@@ -329,9 +344,11 @@ def allocate(
     best = Allocation(
         "allocator", target, per_role_allocation(greedy, shape, layers, count, hi), {}, predicted, 1.0
     )
-    if refine is None or base is None:
-        return best
-    return _refine(best, greedy, shape, layers, count, hi, refine, alphas, base, log)
+    if refine is not None:
+        best = _refine(best, greedy, shape, layers, count, hi, refine, alphas, base, log)
+    if owl:
+        best = with_owl_offsets(lab, best, outlier_ratios(lab, base.calibration), lam)
+    return best
 
 
 def _refine(best, greedy, shape, layers, count, hi, refine, alphas, base, log) -> Allocation:

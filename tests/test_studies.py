@@ -9,7 +9,7 @@ import pytest
 
 from evaluation import allocate as al
 from evaluation import studies
-from prune.recipe import CalibrationSpec
+from prune.recipe import CalibrationSpec, Recipe
 
 PARAMS = {"q": 100, "k": 40, "v": 40, "o": 100, "gate": 300, "up": 300, "down": 300}
 CURVATURE = {"q": 1.0, "k": 0.5, "v": 4.0, "o": 2.0, "gate": 1.5, "up": 1.5, "down": 6.0}
@@ -241,6 +241,15 @@ def test_owl_and_allocator_on_the_real_model(small_study, lab):
     assert 0 <= count - planned < 30 * 192
     assert allocation.sparsity["q"] == pytest.approx(0.9, abs=0.01)  # cheapest per weight: at its bound
     assert not math.isnan(allocation.predicted_cost)
+    base = Recipe(model=lab.loaded.name, stats_mode="cached", calibration=CAL)
+    layered = al.allocate(lab, 0.6, curves, bounds=(0.0, 0.9), owl=True, base=base)
+    planned = sum(
+        shape[r][0] * int(shape[r][1] * s) for row in layered.per_layer.values() for r, s in row.items()
+    )
+    assert 0 <= count - planned < 192 and layered.method == "allocator+owl" and len(layered.per_layer) == 30
+    assert layered.recipe(base).sparsity_for(29, "q") < layered.recipe(base).sparsity_for(
+        1, "q"
+    )  # OWL offsets
     assert lab.pruner.calibration_passes == 1
 
 
