@@ -54,7 +54,7 @@ def _text_for(dataset: str) -> tuple[str, TextSource]:
 
 
 @lru_cache(maxsize=8)
-def _encode(tokenizer_name: str, dataset: str, tokenizer) -> tuple[torch.Tensor, TextSource]:
+def _encode(dataset: str, tokenizer) -> tuple[torch.Tensor, TextSource]:
     text, source = _text_for(dataset)
     if not text.strip():
         raise EvaluationError(f"{dataset}: the text is empty")
@@ -63,7 +63,7 @@ def _encode(tokenizer_name: str, dataset: str, tokenizer) -> tuple[torch.Tensor,
 
 def encoded(tokenizer, dataset: str) -> tuple[torch.Tensor, TextSource]:
     """Token ids of a dataset (memoized per tokenizer: WikiText-2 takes seconds to tokenize)."""
-    return _encode(getattr(tokenizer, "name_or_path", ""), dataset, tokenizer)
+    return _encode(dataset, tokenizer)
 
 
 @torch.no_grad()

@@ -219,18 +219,18 @@ def info(argv: list[str]) -> int:
     return 0
 
 
+def study(argv: list[str]) -> int:
+    from evaluation.cli_study import study as run_study
+
+    return run_study(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from prune.calibration import CalibrationError
     from prune.data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"info": info}
-    try:
-        from evaluation.cli_study import study
-
-        commands["study"] = study
-    except ImportError:
-        pass
+    commands = {"info": info, "study": study}
     errors: tuple[type[BaseException], ...] = (
         RecipeError,
         ModelLoadError,

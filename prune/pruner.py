@@ -66,7 +66,6 @@ class Pruner:
         self.calibration_passes = 0  # forward passes over calibration sets, ever
         self._ids: dict[str, torch.Tensor] = {}
         self._stats: dict[str, ActivationStats] = {}
-        self._stats_keys: dict[int, str] = {}  # id(stats) -> key, to name rank caches
         # Row ranks of dense scores per (stats key, method): re-pruning is then one comparison
         # per weight. Kept on CPU only, where kthvalue is the bottleneck (2 bytes per weight).
         self._ranks: dict[tuple[str, str], dict[tuple[int, str], torch.Tensor]] = {}
@@ -110,17 +109,14 @@ class Pruner:
             stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
             source = "cached: computed"
         self._stats[key] = stats
-        self._stats_keys[id(stats)] = key
         return stats, source
 
     # ----- masks --------------------------------------------------------------------------------
     def _layer_masks(
-        self, recipe: Recipe, layer: int, stats: ActivationStats | None, dense: bool = False
+        self, recipe: Recipe, layer: int, stats: ActivationStats | None, ranks: dict | None = None
     ) -> Masks:
-        """Masks of one layer. ``dense``: the weights are the dense ones, so ranks may be reused."""
+        """Masks of one layer; ``ranks`` (from ``_rank_cache``) only when the weights are dense."""
         model, roles = self.loaded.model, self.loaded.roles
-        row_wise = recipe.nm is None and not recipe.use_variant and recipe.method != "magnitude"
-        ranks = self._rank_cache(recipe, stats) if dense and row_wise and self.use_ranks else None
         masks = {}
         for role in roles.roles:
             sparsity = recipe.sparsity_for(layer, role)
@@ -140,8 +136,11 @@ class Pruner:
             masks[(layer, role)] = mask_from_ranks(ranks[(layer, role)], sparsity)
         return masks
 
-    def _rank_cache(self, recipe: Recipe, stats: ActivationStats | None) -> dict:
-        stats_key = self._stats_keys.get(id(stats), "") if stats is not None else ""
+    def _rank_cache(self, recipe: Recipe, stats_key: str) -> dict | None:
+        """Row ranks of the dense scores for (statistics, method), where masks can come from them."""
+        row_wise = recipe.nm is None and not recipe.use_variant and recipe.method != "magnitude"
+        if not (row_wise and self.use_ranks):
+            return None
         return self._ranks.setdefault((stats_key, recipe.method), {})
 
     def _check(self, recipe: Recipe) -> None:
@@ -186,8 +185,9 @@ class Pruner:
             ]
             if not recipe.needs_statistics or not wanted:
                 masks: Masks = {}
+                ranks = self._rank_cache(recipe, "")  # scores from the weights alone
                 for layer in wanted:
-                    masks.update(self._layer_masks(recipe, layer, None, dense=True))
+                    masks.update(self._layer_masks(recipe, layer, None, ranks))
                 source = "none"
             else:
                 t = time.perf_counter()
@@ -207,8 +207,9 @@ class Pruner:
                     timings["statistics_s"] = time.perf_counter() - t
                     masks = {}
                     t = time.perf_counter()
+                    ranks = self._rank_cache(recipe, self._stats_key(ids))
                     for layer in wanted:
-                        masks.update(self._layer_masks(recipe, layer, stats, dense=True))
+                        masks.update(self._layer_masks(recipe, layer, stats, ranks))
                     timings["masks_s"] = time.perf_counter() - t
                 else:
                     try:

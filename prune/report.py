@@ -80,7 +80,9 @@ def sparsity_report(model: nn.Module, roles: RoleMap, masks: Masks, requested) -
 
 
 def planned_pruned_weights(layer_counts: dict[str, int], num_layers: int, requested) -> int:
-    """Weights a setting will prune, before anything runs (row-wise Wanda: int(in * s) per row)."""
+    """Weights a setting will prune, before anything runs: the requested fraction of each role's
+    weights, rounded. Row-wise pruning takes int(in * s) per row, so it may prune up to one weight
+    per row fewer (the app's readout; tests allow 1%)."""
     return sum(
         int(round(requested(layer, role) * layer_counts[role]))
         for layer in range(num_layers)
