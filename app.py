@@ -3,8 +3,8 @@
     python app.py                      # the offline default model, http://127.0.0.1:7860
     python app.py --model gemma3-270m --data-dir ../shared/data --port 8000
 
-A thin front end: widgets become a ``Recipe``; ``evaluation.Lab`` and the ``Pruner`` do the work,
-exactly as ``python -m prune --recipe FILE`` does. One model is in memory for every visitor; each
+A thin front end: widgets become a ``Recipe``; ``evaluation.Lab`` does the work, exactly as
+``python -m prune --recipe FILE`` does. One model is in memory for every visitor; each
 browser session keeps its own masks and history (see ``ui/engine.py``).
 """
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from ui.engine import go_offline_if_no_hub
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
-    from prune.models import ModelLoadError
+    from prune.errors import LabError
     from prune.paths import set_data_dir
     from ui.engine import Engine
 
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         set_data_dir(args.data_dir)
         engine = Engine(device=args.device)
         engine.offline = offline
-        engine.load(args.model, progress=lambda m: print(m, file=sys.stderr))
-    except (ModelLoadError, FileNotFoundError) as err:
+        engine.load(args.model, progress=lambda event: print(event.message, file=sys.stderr))
+    except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     demo = build_demo(engine)

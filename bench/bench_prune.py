@@ -23,9 +23,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.lab import Lab  # noqa: E402
 from prune.models import LoadedModel, load  # noqa: E402
 from prune.paths import set_data_dir  # noqa: E402
-from prune.pruner import Pruner  # noqa: E402
 from prune.recipe import CalibrationSpec, Recipe, parse_sparsity  # noqa: E402
 from prune.roles import role_map  # noqa: E402
 
@@ -178,29 +178,31 @@ def main() -> None:
     else:
         lm = load(args.model, dtype=args.dtype, device=args.device)
         device = lm.device
-    pruner = Pruner(lm, args.batch_size)
+    lab = Lab(lm, args.batch_size)
     spec = CalibrationSpec(source="c4", nsamples=args.nsamples, seqlen=args.seqlen)
-    base = Recipe(model=args.model, sparsity=parse_sparsity("all=0.5"), calibration=spec)
+    base = Recipe(model=lm.name, sparsity=parse_sparsity("all=0.5"), calibration=spec)
     if not args.random:
-        ids = pruner.calibration_ids(base)
+        ids = lab.calibration_ids(spec)
     print(
         f"model {lm.name} ({lm.roles.num_layers} layers, {lm.num_parameters() / 1e6:.0f}M params) "
         f"on {device} {lm.dtype}; calibration {ids.shape[0]} x {ids.shape[1]} tokens; "
-        f"batch size {pruner.batch_size}; torch threads {torch.get_num_threads()}"
+        f"batch size {lab.batch_size}; torch threads {torch.get_num_threads()}"
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     # (c) the baseline first, on the dense model
-    pruner._ensure_snapshot()
+    saved = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
     t_ref = reference_style(lm.model, ids, 0.5)
     ref_zeros = zeros(lm.model.model.layers)
-    pruner.dense.restore()
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            p.copy_(saved[name])
+    del saved
     print(f"(c) reference-style baseline:           {t_ref:8.2f} s")
 
     # (a) sequential, the same procedure
-    pruner.masks = {}
-    t_seq, seq = timed(lambda: pruner.prune(base, ids=ids), device)
+    t_seq, seq = timed(lambda: lab.prune(base, ids=ids), device)
     seq_zeros = zeros(lm.model.model.layers)
     same = sum(int((ref_zeros[n] == seq_zeros[n]).sum()) for n in ref_zeros)
     total = sum(z.numel() for z in ref_zeros.values())
@@ -210,21 +212,17 @@ def main() -> None:
     )
     seq_ppl = None
     if not args.random:
-        seq_ppl = ppl(lm, args.eval_windows)
+        seq_ppl = ppl(lab, args.eval_windows)
 
     # (b) cached: one dense pass, then new configurations need only masks
-    cached = Recipe(
-        model=args.model, sparsity=parse_sparsity("all=0.5"), stats_mode="cached", calibration=spec
-    )
-    t_pass, first = timed(lambda: pruner.prune(cached, ids=ids), device)
+    cached = Recipe(model=lm.name, sparsity=parse_sparsity("all=0.5"), stats_mode="cached", calibration=spec)
+    t_pass, first = timed(lambda: lab.prune(cached, ids=ids), device)
     print(f"    cached, first run (dense pass + masks): {t_pass:6.2f} s ({first.stats_source})")
-    cached_ppl = ppl(lm, args.eval_windows) if not args.random else None
+    cached_ppl = ppl(lab, args.eval_windows) if not args.random else None
     times = []
     for config in NEW_CONFIGS:
-        recipe = Recipe(
-            model=args.model, sparsity=parse_sparsity(config), stats_mode="cached", calibration=spec
-        )
-        t, result = timed(lambda r=recipe: pruner.prune(r, ids=ids), device)
+        recipe = Recipe(model=lm.name, sparsity=parse_sparsity(config), stats_mode="cached", calibration=spec)
+        t, result = timed(lambda r=recipe: lab.prune(r, ids=ids), device)
         assert result.calibration_passes == 0
         times.append(t)
     t_re = statistics.median(times)
@@ -234,7 +232,9 @@ def main() -> None:
     )
     if device.type == "cuda":
         print(f"    peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(f"    dense weight copy kept on {pruner.dense.device}: {pruner.dense.nbytes() / 2**30:.2f} GiB")
+    memory = lab.memory()
+    size = memory["dense_copy_bytes"] / 2**30
+    print(f"    dense weight copy kept on {memory['dense_copy_on']}: {size:.2f} GiB")
     if seq_ppl is not None:
         print(
             f"perplexity, WikiText-2, {args.eval_windows} windows x 2048 at 50% Wanda: "
@@ -247,10 +247,8 @@ def main() -> None:
     )
 
 
-def ppl(lm: LoadedModel, windows: int) -> float:
-    from evaluation.perplexity import perplexity
-
-    return perplexity(lm.model, lm.tokenizer, "wikitext2", seqlen=2048, max_windows=windows).perplexity
+def ppl(lab: Lab, windows: int) -> float:
+    return lab.perplexity("wikitext2", 2048, windows).perplexity
 
 
 if __name__ == "__main__":

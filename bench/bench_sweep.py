@@ -60,11 +60,11 @@ def evaluate(lab: Lab, windows: int) -> tuple[float, float]:
 
 def cached_sweep(lab: Lab, sweep, cal: CalibrationSpec, windows: int) -> dict:
     """Every point from one calibration pass; returns pruning and evaluation seconds."""
-    passes = lab.pruner.calibration_passes
+    passes = lab.calibration_passes
     prune_s = eval_s = 0.0
     first = None
     for i, (role, rate) in enumerate(sweep):
-        result = lab.pruner.prune(recipe(role, rate, "cached", cal, lab.loaded.name))
+        result = lab.prune(recipe(role, rate, "cached", cal, lab.loaded.name))
         prune_s += result.timings["total_s"] - result.timings.get("calibration_data_s", 0.0)
         first = first or result.timings
         ppl, seconds = evaluate(lab, windows)
@@ -72,11 +72,11 @@ def cached_sweep(lab: Lab, sweep, cal: CalibrationSpec, windows: int) -> dict:
         print(f"  cached {i + 1:2d}/{len(sweep)} {role:>4} @ {rate:.0%}: prune "
               f"{result.timings['total_s'] - result.timings.get('calibration_data_s', 0.0):7.2f}s "
               f"({result.stats_source}) ppl {ppl:.3f}", flush=True)  # fmt: skip
-    lab.pruner.restore()
+    lab.restore()
     return {
         "prune_s": prune_s,
         "eval_s": eval_s,
-        "passes": lab.pruner.calibration_passes - passes,
+        "passes": lab.calibration_passes - passes,
         "pass_s": first.get("statistics_s", 0.0),
     }
 
@@ -84,13 +84,13 @@ def cached_sweep(lab: Lab, sweep, cal: CalibrationSpec, windows: int) -> dict:
 def sequential_points(lab: Lab, chosen, cal: CalibrationSpec, windows: int) -> dict:
     prune_s = eval_s = 0.0
     for role, rate in chosen:
-        result = lab.pruner.prune(recipe(role, rate, "sequential", cal, lab.loaded.name))
+        result = lab.prune(recipe(role, rate, "sequential", cal, lab.loaded.name))
         seconds = result.timings["total_s"] - result.timings.get("calibration_data_s", 0.0)
         prune_s += seconds
         ppl, e = evaluate(lab, windows)
         eval_s += e
         print(f"  sequential {role:>4} @ {rate:.0%}: prune {seconds:7.2f}s ppl {ppl:.3f}", flush=True)
-    lab.pruner.restore()
+    lab.restore()
     return {"prune_s": prune_s, "eval_s": eval_s, "points": len(chosen)}
 
 
@@ -107,7 +107,7 @@ def main() -> int:
     sweep = points(lab.loaded.roles.roles)
     stats_dir = Path(tempfile.mkdtemp(prefix="bench-stats-"))
     pruner_module.cache_dir = lambda *parts: stats_dir  # an empty cache: the pass is really timed
-    lab.pruner.calibration_ids(recipe("q", 0.5, "cached", cal, lab.loaded.name))  # tokenizing: not timed
+    lab.calibration_ids(cal)  # tokenizing: not timed
     if args.windows:
         lab.dense_perplexity("wikitext2", 512, args.windows)
     print(f"{lab.loaded.name}: {len(sweep)} points, calibration {args.nsamples} x {args.seqlen} C4, "

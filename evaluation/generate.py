@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from prune.errors import LabError
+
 MAX_PROMPT_TOKENS = 1024
 MAX_NEW_TOKENS = 512
 
 
-class GenerationError(ValueError):
+class GenerationError(LabError):
     pass
 
 

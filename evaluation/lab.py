@@ -1,22 +1,33 @@
-"""A loaded model, its pruner and memoized dense evaluations: what the CLI, the app and the
-studies share, so a recipe runs the same way from every front end."""
+"""The one door to the model: every front end (CLI, app, studies, allocator) prunes, measures and
+switches masks through a ``Lab``, so a recipe runs the same way from everywhere.
+
+A Lab holds one loaded model, its ``Pruner`` (the only caller of ``Pruner.prune``) and the lock
+that serialises jobs on that model; memoized dense evaluations make comparing recipes cheap.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from evaluation.perplexity import PerplexityResult, WindowProgress, perplexity
+import torch
+from torch import nn
+
+from evaluation.perplexity import PerplexityResult, perplexity
+from prune.apply import Masks, snapshot_place
 from prune.models import LoadedModel, load
-from prune.pruner import Progress, Pruner, PruneResult
-from prune.recipe import Recipe
+from prune.progress import Event, Progress, scaled, silent
+from prune.pruner import Pruner, PruneResult
+from prune.recipe import CalibrationSpec, Recipe, RecipeError
+from prune.stats import ActivationStats
 
 LAB_VERSION = "0.1.0"
 
 
 def versions() -> dict[str, str]:
-    import torch
     import transformers
 
     return {"pruning_lab": LAB_VERSION, "torch": torch.__version__, "transformers": transformers.__version__}
@@ -42,25 +53,39 @@ class RunResult:
         }
 
 
+@dataclass
+class Measurement:
+    """One recipe measured on one dataset: what pruning did and what it cost."""
+
+    prune: PruneResult
+    perplexity: PerplexityResult  # of the pruned model
+    dense: PerplexityResult  # of the dense model, same windows (memoized)
+    prune_s: float
+    eval_s: float
+
+
 class Lab:
     def __init__(self, loaded: LoadedModel, batch_size: int | None = None):
         self.loaded = loaded
         self.pruner = Pruner(loaded, batch_size)
+        self.lock = threading.RLock()  # one job on the model at a time
         self._dense_ppl: dict[tuple, PerplexityResult] = {}
+        self._state_key: Hashable | None = None  # who the applied masks belong to, if anyone said
 
     @classmethod
-    def open(cls, recipe: Recipe, progress: Callable[[str], None] = lambda m: None) -> Lab:
-        return cls(
-            load(
-                recipe.model,
-                revision=recipe.revision,
-                dtype=recipe.dtype,
-                device=recipe.device,
-                trust_remote_code=recipe.trust_remote_code,
-                progress=progress,
-            )
+    def open(cls, recipe: Recipe, progress: Progress = silent) -> Lab:
+        """Load the recipe's model (its revision, dtype, device and trust setting)."""
+        loaded = load(
+            recipe.model,
+            revision=recipe.revision,
+            dtype=recipe.dtype,
+            device=recipe.device,
+            trust_remote_code=recipe.trust_remote_code,
+            progress=lambda message: progress(Event("load", 0.0, message)),
         )
+        return cls(loaded)
 
+    # ----- what is loaded ------------------------------------------------------------------------
     def model_info(self) -> dict:
         lm = self.loaded
         return {
@@ -74,59 +99,184 @@ class Lab:
             "dtype": str(lm.dtype).replace("torch.", ""),
         }
 
-    def perplexity(
-        self, dataset: str, seqlen: int, max_windows: int | None, progress: WindowProgress | None = None
-    ) -> PerplexityResult:
-        """Perplexity of the model as it is now (dense or pruned)."""
+    def memory(self) -> dict:
+        """Bytes the model, its dense copy and one session's bit-packed masks take, and where."""
         lm = self.loaded
-        return perplexity(
-            lm.model, lm.tokenizer, dataset, min(seqlen, lm.max_length), max_windows, progress=progress
-        )
+        element = torch.finfo(lm.dtype).bits // 8
+        linear = sum(lm.roles.param_counts(lm.model).values())
+        return {
+            "weights_bytes": lm.num_parameters() * element,
+            "dense_copy_bytes": linear * element,  # the copy that makes pruning reversible
+            "session_masks_bytes": (linear + 7) // 8,
+            "dense_copy_on": snapshot_place(self.pruner.dense, lm.device),
+        }
+
+    @property
+    def masks(self) -> Masks:
+        """The masks applied to the model now ({} when it is dense)."""
+        return self.pruner.masks
+
+    @property
+    def calibration_passes(self) -> int:
+        return self.pruner.calibration_passes
+
+    @property
+    def batch_size(self) -> int:
+        return self.pruner.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.pruner.batch_size = value
+
+    # ----- pruning -------------------------------------------------------------------------------
+    def _check_model(self, recipe: Recipe) -> None:
+        if recipe.model != self.loaded.name:
+            raise RecipeError(
+                f"this recipe is for {recipe.model!r}, but the lab has {self.loaded.name!r} loaded"
+            )
+
+    def prune(
+        self,
+        recipe: Recipe,
+        progress: Progress = silent,
+        ids: torch.Tensor | None = None,
+        key: Hashable | None = None,
+    ) -> PruneResult:
+        """Prune the dense model in place as the recipe says; it stays pruned until the next job.
+        ``key`` names the pruned state (a session, say) for later ``using(..., key)`` calls."""
+        self._check_model(recipe)
+        with self.lock:
+            self._state_key = None
+            result = self.pruner.prune(recipe, progress, ids=ids)
+            self._state_key = key
+            return result
+
+    def restore(self) -> None:
+        """Back to the dense model, bitwise."""
+        with self.lock:
+            self.pruner.restore()
+            self._state_key = None
+
+    def holds(self, key: Hashable) -> bool:
+        """Whether the model is in the state named ``key`` now (so a switch to it copies nothing)."""
+        return key is not None and self._state_key == key
+
+    @contextmanager
+    def using(self, masks: Masks, key: Hashable | None = None) -> Iterator[nn.Module]:
+        """Hold the model in the state ``masks`` describe ({}: dense) for the block.
+
+        Without ``key`` the switch is temporary: the previous state comes back after the block.
+        With ``key`` (a session's state) the model stays in that state until a job needs another,
+        and a later switch to the same key copies nothing."""
+        with self.lock:
+            previous, previous_key = self.pruner.masks, self._state_key
+            same = self.holds(key) or masks is previous or (not masks and not previous)
+            if not same:
+                self.pruner.apply(masks)
+                self._state_key = key
+            try:
+                yield self.loaded.model
+            finally:
+                if not same and key is None:
+                    self.pruner.apply(previous)
+                    self._state_key = previous_key
+
+    def dense(self):
+        """``with lab.dense() as model:`` runs on the dense weights, then the masks come back."""
+        return self.using({})
+
+    def calibration_ids(self, calibration: CalibrationSpec) -> torch.Tensor:
+        with self.lock:
+            return self.pruner.calibration_ids(calibration)
+
+    def statistics(self, calibration: CalibrationSpec, progress: Progress = silent) -> ActivationStats:
+        """Dense activation statistics of a calibration set (one cached pass, shared with pruning)."""
+        with self.lock:
+            ids = self.pruner.calibration_ids(calibration)
+            return self.pruner.cached_statistics(ids, progress)[0]
+
+    # ----- measuring -----------------------------------------------------------------------------
+    def perplexity(
+        self,
+        dataset: str,
+        seqlen: int,
+        windows: int | None,
+        progress: Progress = silent,
+        which: str = "pruned",
+    ) -> PerplexityResult:
+        """Perplexity of the model as it is now (``which`` only labels the progress events)."""
+        lm = self.loaded
+        with self.lock:
+            return perplexity(
+                lm.model,
+                lm.tokenizer,
+                dataset,
+                min(seqlen, lm.max_length),
+                windows,
+                progress=progress,
+                which=which,
+            )
 
     def dense_perplexity(
-        self, dataset: str, seqlen: int, max_windows: int | None, progress: WindowProgress | None = None
+        self, dataset: str, seqlen: int, windows: int | None, progress: Progress = silent
     ) -> PerplexityResult:
         """Memoized: comparing many recipes evaluates the dense model once."""
-        key = (dataset, min(seqlen, self.loaded.max_length), max_windows)
-        if key not in self._dense_ppl:
-            with self.pruner.dense_weights():
-                self._dense_ppl[key] = self.perplexity(dataset, seqlen, max_windows, progress)
-        return self._dense_ppl[key]
+        key = (dataset, min(seqlen, self.loaded.max_length), windows)
+        with self.lock:
+            if key not in self._dense_ppl:
+                with self.dense():
+                    self._dense_ppl[key] = self.perplexity(dataset, seqlen, windows, progress, which="dense")
+            return self._dense_ppl[key]
+
+    def measure(
+        self,
+        recipe: Recipe,
+        dataset: str,
+        windows: int | None,
+        seqlen: int,
+        progress: Progress = silent,
+        prune_share: float = 0.3,
+    ) -> Measurement:
+        """Prune as the recipe says, then the pruned and (memoized) dense perplexity on ``dataset``.
+        A recipe that prunes nothing reuses the dense evaluation. The model stays pruned."""
+        with self.lock:
+            dense = self.dense_perplexity(dataset, seqlen, windows)
+            start = time.perf_counter()
+            result = self.prune(recipe, scaled(progress, 0.0, prune_share))
+            prune_s = time.perf_counter() - start
+            start = time.perf_counter()
+            if result.report.pruned == 0:
+                ppl = dense
+            else:
+                ppl = self.perplexity(dataset, seqlen, windows, scaled(progress, prune_share, 1.0))
+            return Measurement(result, ppl, dense, prune_s, time.perf_counter() - start)
 
     def run(
-        self, recipe: Recipe, progress: Progress = lambda f, m: None, dense: bool = True, ids=None
+        self,
+        recipe: Recipe,
+        progress: Progress = silent,
+        dense: bool = True,
+        ids: torch.Tensor | None = None,
+        key: Hashable | None = None,
     ) -> RunResult:
-        """Prune as the recipe says, then evaluate dense (memoized) and pruned perplexity."""
+        """Prune as the recipe says, then evaluate dense (memoized) and pruned perplexity on every
+        dataset of ``recipe.evaluation``. The model stays pruned (the state named ``key``)."""
         start = time.perf_counter()
         ev = recipe.evaluation
-        with self.pruner.lock:
-            result = self.pruner.prune(recipe, lambda f, m: progress(0.5 * f, m), ids=ids)
+        with self.lock:
+            result = self.prune(recipe, scaled(progress, 0.0, 0.5), ids=ids, key=key)
             out = RunResult(recipe, result)
+            count = len(ev.datasets)
             for i, dataset in enumerate(ev.datasets):
                 pair = {}
+                low, high = 0.5 + 0.5 * i / count, 0.5 + 0.5 * (i + 1) / count
                 if dense:
                     pair["dense"] = self.dense_perplexity(
-                        dataset,
-                        ev.seqlen,
-                        ev.max_windows,
-                        _window_progress(progress, i, len(ev.datasets), dataset, "dense"),
+                        dataset, ev.seqlen, ev.max_windows, scaled(progress, low, high)
                     )
                 pair["pruned"] = self.perplexity(
-                    dataset,
-                    ev.seqlen,
-                    ev.max_windows,
-                    _window_progress(progress, i, len(ev.datasets), dataset, "pruned"),
+                    dataset, ev.seqlen, ev.max_windows, scaled(progress, low, high)
                 )
                 out.perplexity[dataset] = pair
         out.seconds = time.perf_counter() - start
         return out
-
-
-def _window_progress(progress: Progress, index: int, count: int, dataset: str, which: str) -> WindowProgress:
-    """Map window-by-window progress of dataset ``index`` of ``count`` onto the second half of a run."""
-
-    def report(done: int, total: int, ppl: float) -> None:
-        fraction = 0.5 + 0.5 * (index + done / total) / count
-        progress(fraction, f"{dataset} {which}: window {done}/{total}, perplexity {ppl:.2f}")
-
-    return report

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from prune.data import TextSource, load_file, load_texts
+from prune.errors import LabError
+from prune.progress import Event, Progress, silent
 
-# (windows done, windows total, running perplexity)
-WindowProgress = Callable[[int, int, float], None]
 
-
-class EvaluationError(ValueError):
-    pass
+class EvaluationError(LabError):
+    """An evaluation that cannot run as asked (too little text, an empty file)."""
 
 
 @dataclass
@@ -40,6 +39,11 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def dataset_label(dataset: str) -> str:
+    """What people see for a dataset: its alias, or a file's name (never a server path)."""
+    return dataset if dataset in ("wikitext2", "c4") else Path(dataset).name
 
 
 def _text_for(dataset: str) -> tuple[str, TextSource]:
@@ -74,9 +78,11 @@ def perplexity(
     seqlen: int = 2048,
     max_windows: int | None = None,
     batch_size: int = 1,
-    progress: WindowProgress | None = None,
+    progress: Progress = silent,
+    which: str | None = None,
 ) -> PerplexityResult:
-    """``dataset``: "wikitext2", "c4", or a path to a .txt/.jsonl/.parquet file."""
+    """``dataset``: "wikitext2", "c4", or a path to a .txt/.jsonl/.parquet file. Every window
+    reports an Event with the running perplexity; ``which`` ("dense"/"pruned") labels them."""
     ids, source = encoded(tokenizer, dataset)
     if dataset == "c4":
         ids = ids[:, : 256 * seqlen]
@@ -94,8 +100,10 @@ def perplexity(
             logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), inputs[:, 1:].reshape(-1)
         )
         nll_sum += loss.float().item() * seqlen * (last - first)
-        if progress:
-            progress(last, windows, math.exp(nll_sum / (last * seqlen)))
+        running = math.exp(nll_sum / (last * seqlen))
+        label = dataset_label(dataset)
+        message = f"{label}{' ' + which if which else ''}: window {last}/{windows}, perplexity {running:.2f}"
+        progress(Event("perplexity", last / windows, message, label, which, last, windows, running))
     seconds = time.perf_counter() - start
     name = dataset if dataset in ("wikitext2", "c4") else "file"
     return PerplexityResult(

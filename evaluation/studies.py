@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.lab import Lab, versions
-from prune.recipe import CalibrationSpec, EvalSpec, Recipe, RecipeError
+from prune.errors import LabError, RecipeError
+from prune.progress import Event, Progress, scaled, silent
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES
 
 KINDS = ("single", "combined", "downstream")
@@ -39,11 +41,10 @@ DEFAULT_WINDOWS = 8
 DEFAULT_EVAL_SEQLEN = 512
 GROUP_KEYS = {"attention": "attn", "mlp": "mlp", "uniform": "all"}
 
-Progress = Callable[[float, str], None]
 OnPoint = Callable[["StudyPoint", "StudyResult"], None]
 
 
-class StudyError(ValueError):
+class StudyError(LabError):
     """A study that cannot run as asked (e.g. a results folder made with other settings)."""
 
 
@@ -215,42 +216,34 @@ def recipe_for(lab: Lab, settings: StudySettings, sparsity: dict[str, float]) ->
         model=lab.loaded.name,
         sparsity=dict(sparsity),
         stats_mode="cached",
-        calibration=dataclasses.replace(settings.calibration),
+        calibration=settings.calibration,
         evaluation=EvalSpec(
-            datasets=[settings.dataset],
+            datasets=(settings.dataset,),
             seqlen=settings.eval_seqlen,
             max_windows=settings.windows,
-            tasks=list(settings.tasks),
+            tasks=tuple(settings.tasks),
             limit=settings.limit,
         ),
-    ).validate()
+    )
 
 
 # ----- measuring one point -------------------------------------------------------------------------
-def measure(
-    lab: Lab, settings: StudySettings, spec: PointSpec, progress: Progress | None = None
-) -> StudyPoint:
-    """Prune as the spec says (cached statistics), then evaluate the model as it is."""
-    progress = progress or (lambda f, m: None)
+def measure(lab: Lab, settings: StudySettings, spec: PointSpec, progress: Progress = silent) -> StudyPoint:
+    """Prune as the spec says (cached statistics), then evaluate the pruned model."""
     recipe = recipe_for(lab, settings, spec.sparsity)
     lm = lab.loaded
-    with lab.pruner.lock:
-        dense = lab.dense_perplexity(settings.dataset, settings.eval_seqlen, settings.windows)
+    share = 0.5 if settings.tasks else 1.0  # of this point's bar: pruning and perplexity
+    measured = lab.measure(
+        recipe, settings.dataset, settings.windows, settings.eval_seqlen, scaled(progress, 0.0, share)
+    )
+    result, ppl, dense = measured.prune, measured.perplexity, measured.dense
+    eval_s = measured.eval_s
+    tasks = None
+    if settings.tasks:
         start = time.perf_counter()
-        result = lab.pruner.prune(recipe, lambda f, m: progress(0.3 * f, m))
-        prune_s = time.perf_counter() - start
-        start = time.perf_counter()
-        if result.report.pruned == 0:
-            ppl = dense  # nothing pruned: the memoized dense evaluation is this point's
-        else:
-            ppl = lab.perplexity(
-                settings.dataset,
-                settings.eval_seqlen,
-                settings.windows,
-                lambda done, total, p: progress(0.3 + 0.7 * done / total, f"window {done}/{total}: {p:.2f}"),
-            )
-        tasks = _tasks(lab, recipe, progress) if settings.tasks else None
-        eval_s = time.perf_counter() - start
+        with lab.using(result.masks):
+            tasks = _tasks(lab, recipe, scaled(progress, share, 1.0))
+        eval_s += time.perf_counter() - start
     report = result.report
     return StudyPoint(
         series=spec.series,
@@ -266,7 +259,7 @@ def measure(
         dataset=settings.dataset,
         windows=ppl.windows,
         eval_seqlen=ppl.seqlen,
-        prune_s=prune_s,
+        prune_s=measured.prune_s,
         eval_s=eval_s,
         stats_source=result.stats_source,
         sparsity=dict(spec.sparsity),
@@ -304,9 +297,12 @@ def load_study(out_dir: str | Path) -> StudyResult | None:
     path = Path(out_dir) / "points.json"
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    points = [StudyPoint(**p) for p in data["points"]]
-    return StudyResult(StudySettings.from_dict(data["settings"]), data.get("model", {}), points)
+    try:
+        data = json.loads(path.read_text())
+        points = [StudyPoint(**p) for p in data["points"]]
+        return StudyResult(StudySettings.from_dict(data["settings"]), data.get("model", {}), points)
+    except (ValueError, KeyError, TypeError) as err:
+        raise StudyError(f"{path} is not a study's points.json ({type(err).__name__}: {err})") from None
 
 
 def save_study(result: StudyResult, out_dir: Path) -> None:
@@ -338,7 +334,9 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _resume(out_dir: Path | None, settings: StudySettings) -> StudyResult | None:
+def resumable(out_dir: Path | None, settings: StudySettings) -> StudyResult | None:
+    """What a results folder already holds for these settings (None: nothing yet); a folder made
+    with other settings is refused, so points of two different studies never mix."""
     if out_dir is None:
         return None
     previous = load_study(out_dir)
@@ -359,7 +357,7 @@ def run_study(
     grid: list[float] | None = None,
     windows: int | None = DEFAULT_WINDOWS,
     out_dir: str | Path | None = None,
-    progress: Progress | None = None,
+    progress: Progress = silent,
     on_point: OnPoint | None = None,
     *,
     roles: list[str] | None = None,
@@ -380,7 +378,6 @@ def run_study(
     The model is dense again when the study returns.
     """
     start = time.perf_counter()
-    progress = progress or (lambda f, m: None)
     settings = StudySettings(
         kind, dataset, windows, eval_seqlen, calibration or default_calibration(), list(tasks or []), limit
     )
@@ -392,7 +389,7 @@ def run_study(
     roles = _check_roles(roles, params)
     grid = _check_grid(kind, grid)
     out = Path(out_dir) if out_dir is not None else None
-    previous = None if fresh else _resume(out, settings)
+    previous = None if fresh else resumable(out, settings)
     done = previous.points if previous else []
     model = previous.model if previous and previous.model else lab.model_info()  # where the points came from
     result = StudyResult(settings, model, list(done))
@@ -400,25 +397,28 @@ def run_study(
     specs = point_specs(kind, grid, roles, params)
     todo = [s for s in specs if s.key not in have]
     result.skipped = [s.key for s in specs if s.key in have]
-    passes_before = lab.pruner.calibration_passes
+    passes_before = lab.calibration_passes
     try:
         for index, spec in enumerate(todo):
             label = f"{kind} {index + 1}/{len(todo)}: {spec.series} at {spec.rate:.0%}"
-            point = measure(lab, settings, spec, _scaled(progress, index, len(todo), label))
+            progress(Event("study", index / len(todo), label, step=index, steps=len(todo)))
+            part = scaled(progress, index / len(todo), (index + 1) / len(todo), label)
+            point = measure(lab, settings, spec, part)
             result.points.append(point)
             if out is not None:
                 save_study(result, out)
             if on_point is not None:
                 on_point(point, result)
     finally:
-        lab.pruner.restore()
-        result.calibration_passes = lab.pruner.calibration_passes - passes_before
+        lab.restore()
+        result.calibration_passes = lab.calibration_passes - passes_before
     if out is not None:
         save_study(result, out)
         if plots:
             write_outputs(result, out)
     result.seconds = time.perf_counter() - start
-    progress(1.0, f"{kind} study done: {len(todo)} points measured, {len(result.skipped)} resumed")
+    message = f"{kind} study done: {len(todo)} points measured, {len(result.skipped)} resumed"
+    progress(Event("study", 1.0, message, step=len(todo), steps=len(todo)))
     return result
 
 
@@ -439,10 +439,6 @@ def _check_grid(kind: str, grid: list[float] | None) -> list[float]:
     if bad:
         raise StudyError(f"grid values must be fractions in [0, 1]; got {bad}")
     return sorted(dict.fromkeys(float(g) for g in grid))
-
-
-def _scaled(progress: Progress, index: int, count: int, label: str) -> Progress:
-    return lambda f, m: progress((index + f) / count, f"{label}: {m}")
 
 
 def write_outputs(result: StudyResult, out_dir: Path) -> None:

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from prune.errors import RecipeError
 from prune.paths import cache_dir, data_dir
-from prune.recipe import Recipe, RecipeError
-
-Progress = Callable[[float, str], None]
+from prune.progress import Event, Progress, scaled, silent
+from prune.recipe import Recipe
 
 ALL7 = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -44,10 +44,6 @@ TASK_COST: dict[str, tuple[int, float]] = {
 _dense_memory: dict[str, dict] = {}  # cache key -> one task's dense metrics
 _task_objects: dict[tuple[str, str], object] = {}  # (data source, task) -> built lm-eval Task
 _managers: dict[str, object] = {}  # data source -> TaskManager
-
-
-def _silent(fraction: float, message: str) -> None:
-    pass
 
 
 # ----- task names and sources -----------------------------------------------------------------
@@ -165,7 +161,7 @@ def evaluate_tasks(
     tokenizer,
     tasks: list[str] | str,
     limit: int | None = None,
-    progress: Progress | None = None,
+    progress: Progress = silent,
     batch_size: int | None = None,
 ) -> dict:
     """Zero-shot accuracy of ``model`` as it is now (all tasks in one lm-eval pass).
@@ -178,25 +174,25 @@ def evaluate_tasks(
     import lm_eval
 
     names = expand_tasks(tasks)
-    progress = progress or _silent
     batch_size = batch_size or default_batch_size(model)
     source = data_source()
     start = time.perf_counter()
     with _quiet_lm_eval():
         loaded = []
         for index, name in enumerate(names):
-            progress(0.0, f"loading {name} ({index + 1}/{len(names)})")
+            progress(Event("tasks", 0.0, f"loading {name} ({index + 1}/{len(names)})", dataset=name))
             loaded.append(load_task(name, source))
         lm = _reporting_lm(model, tokenizer, batch_size, _request_progress(progress))
         raw = _simple_evaluate(lm, loaded, limit, source)
     results = {name: task_metrics(raw, name) for name in names}
-    progress(1.0, f"{len(names)} tasks done")
+    progress(Event("tasks", 1.0, f"{len(names)} tasks done"))
     return _summary(results, limit, source, batch_size, time.perf_counter() - start, lm_eval.__version__)
 
 
 def _request_progress(progress: Progress) -> Callable[[int, int, str], None]:
     def report(done: int, total: int, task: str) -> None:
-        progress(done / total, f"{task}: {done}/{total} requests")
+        message = f"{task}: {done}/{total} requests"
+        progress(Event("tasks", done / total, message, dataset=task, step=done, steps=total))
 
     return report
 
@@ -299,9 +295,8 @@ def _store_dense(key: str, result: dict, meta: dict) -> None:
     partial.replace(path)
 
 
-def dense_tasks(lab, names: list[str], limit: int | None, progress: Progress | None = None) -> dict:
+def dense_tasks(lab, names: list[str], limit: int | None, progress: Progress = silent) -> dict:
     """Dense results per task, from memory, disk, or one evaluation of the dense weights."""
-    progress = progress or _silent
     source = data_source()
     keys = {name: dense_cache_key(lab, name, limit, source) for name in names}
     found: dict[str, dict] = {}
@@ -314,8 +309,8 @@ def dense_tasks(lab, names: list[str], limit: int | None, progress: Progress | N
     seconds = 0.0
     if missing:
         lm = lab.loaded
-        with lab.pruner.dense_weights():
-            computed = evaluate_tasks(lm.model, lm.tokenizer, missing, limit, progress)
+        with lab.dense() as model:
+            computed = evaluate_tasks(model, lm.tokenizer, missing, limit, progress)
         seconds = computed["seconds"]
         for name in missing:
             meta = {"model": lm.name, "source": str(lm.source), "dtype": str(lm.dtype), "task": name}
@@ -325,27 +320,27 @@ def dense_tasks(lab, names: list[str], limit: int | None, progress: Progress | N
     return {"tasks": ordered, "mean": mean_scores(ordered), "origin": origin, "seconds": round(seconds, 3)}
 
 
-def evaluate_recipe_tasks(lab, recipe: Recipe, dense: bool = True, progress: Progress | None = None) -> dict:
+def evaluate_recipe_tasks(lab, recipe: Recipe, dense: bool = True, progress: Progress = silent) -> dict:
     """The recipe's tasks (``recipe.evaluation.tasks``, "all7" expands; ``.limit``) on the pruned
     model as it is in memory now, and on the dense model (cached per model, task and limit, so
     comparing recipes re-evaluates only the pruned model). Returns per-task results for both and
     ``rows``: one ``{task, metric, dense, pruned, delta, n}`` per task and metric, then the mean."""
     import lm_eval
 
-    progress = progress or _silent
     names = expand_tasks(recipe.evaluation.tasks)
     limit = recipe.evaluation.limit
     start = time.perf_counter()
-    with lab.pruner.lock:
+    with lab.using(lab.masks) as model:  # the model as it is now, for both evaluations
         dense_part = None
         if dense:
             share = 0.0 if _all_cached(lab, names, limit) else 0.5
-            dense_part = dense_tasks(lab, names, limit, _scaled(progress, 0.0, share, "dense"))
-            progress(share, "dense done")
+            dense_part = dense_tasks(lab, names, limit, scaled(progress, 0.0, share, "dense"))
+            progress(Event("tasks", share, "dense done", which="dense"))
         else:
             share = 0.0
-        lm = lab.loaded
-        pruned = evaluate_tasks(lm.model, lm.tokenizer, names, limit, _scaled(progress, share, 1.0, "pruned"))
+        pruned = evaluate_tasks(
+            model, lab.loaded.tokenizer, names, limit, scaled(progress, share, 1.0, "pruned")
+        )
     out = {
         "lm_eval": lm_eval.__version__,
         "source": pruned["source"],
@@ -358,7 +353,7 @@ def evaluate_recipe_tasks(lab, recipe: Recipe, dense: bool = True, progress: Pro
         "rows": table_rows(dense_part, pruned),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    progress(1.0, "tasks done")
+    progress(Event("tasks", 1.0, "tasks done"))
     return out
 
 
@@ -367,10 +362,6 @@ def _all_cached(lab, names: list[str], limit: int | None) -> bool:
     source = data_source()
     keys = [dense_cache_key(lab, name, limit, source) for name in names]
     return all(key in _dense_memory or (cache_dir("tasks") / f"{key}.json").exists() for key in keys)
-
-
-def _scaled(progress: Progress, low: float, high: float, label: str) -> Progress:
-    return lambda fraction, message: progress(low + (high - low) * fraction, f"{label} {message}")
 
 
 def table_rows(dense: dict | None, pruned: dict) -> list[dict]:

@@ -1,5 +1,10 @@
-import sys
+"""``python -m prune ...``: the command line lives in the top-level ``cli`` package.
 
-from prune.cli import main
+It is imported only when run as a program, so importing ``prune`` never imports a front end."""
 
-sys.exit(main())
+if __name__ == "__main__":
+    import sys
+
+    from cli import main
+
+    sys.exit(main())

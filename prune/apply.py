@@ -1,4 +1,4 @@
-"""Reversible pruning: masks zero weights in place; a CPU copy of the dense weights restores them.
+"""Reversible pruning: masks zero weights in place; a copy of the dense weights restores them.
 
 One model in memory then serves the original and any pruned variant (side-by-side generation,
 per-session recipes in the app) without loading a second copy.
@@ -52,13 +52,19 @@ def _snapshot_device(params: list[torch.Tensor]) -> torch.device:
     return device if free > 3 * need else torch.device("cpu")
 
 
+def snapshot_place(dense: DenseWeights | None, model_device: torch.device) -> str:
+    """Where the dense copy is, or will be once something is pruned (for the memory readout)."""
+    if dense is not None:
+        return str(dense.device)
+    return "cpu" if model_device.type == "cpu" else "the GPU if it has room, else the CPU"
+
+
 def apply_masks(model: nn.Module, roles: RoleMap, masks: Masks) -> None:
     """Zero the masked weights in place (through views, so fused matrices keep other rows)."""
-    for (layer, role), mask in masks.items():
-        for target in roles.targets[(layer, role)]:
-            weight = target.weight(model)
-            weight.masked_fill_(mask.to(weight.device), 0)
+    for key, mask in masks.items():
+        weight = roles.targets[key].weight(model)
+        weight.masked_fill_(mask.to(weight.device), 0)
 
 
 def touched_modules(roles: RoleMap, masks: Masks) -> list[str]:
-    return list(dict.fromkeys(t.module for key in masks for t in roles.targets[key]))
+    return list(dict.fromkeys(roles.targets[key].module for key in masks))

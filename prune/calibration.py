@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from prune.data import DataError, TextSource, load_file, load_texts
+from prune.errors import LabError
 from prune.recipe import CalibrationSpec
 
 
-class CalibrationError(ValueError):
-    pass
+class CalibrationError(LabError):
+    """Calibration data that cannot be had as asked."""
 
 
 def _c4_windows(texts: list[str], tokenizer, spec: CalibrationSpec) -> torch.Tensor:
@@ -119,7 +120,7 @@ def save_ids(ids: torch.Tensor, path: str | Path) -> None:
 def load_ids(path: str | Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CalibrationError(f"calibration ids file not found: {path}")
     try:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prune.errors import LabError
 from prune.paths import data_dir
 
 
-class DataError(RuntimeError):
+class DataError(LabError):
     """A dataset that cannot be found or read; the message says where it looked."""
 
 

@@ -100,22 +100,3 @@ def matrix_threshold_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor
     k = int(scores.numel() * sparsity)  # the reference thresholds at sorted[k]
     threshold = scores.flatten().kthvalue(min(k + 1, scores.numel())).values
     return scores <= threshold
-
-
-def mask_for(
-    method: str,
-    weight: torch.Tensor,
-    sq_norm: torch.Tensor | None,
-    sparsity: float,
-    nm: tuple[int, int] | None = None,
-    use_variant: bool = False,
-) -> torch.Tensor:
-    """The mask one (out, in) weight gets under a recipe's method and structure."""
-    scores = wanda_scores(weight, sq_norm) if method == "wanda" else magnitude_scores(weight)
-    if nm is not None:
-        return nm_mask(scores, *nm)
-    if method == "magnitude":
-        return matrix_threshold_mask(scores, sparsity)
-    if use_variant:
-        return variant_mask(scores, sparsity)
-    return row_topk_mask(scores, sparsity)

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prune.errors import LabError
 from prune.paths import cache_dir
 from prune.roles import RoleMap, UnsupportedArchitecture, role_map
 
 Progress = Callable[[str], None]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LabError):
     """A model that cannot be loaded; the message says why and what to try."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prune.errors import LabError
+
 CACHE_ENV = "PRUNING_LAB_CACHE"
 DATA_ENV = "PRUNING_LAB_DATA"
 
@@ -28,5 +30,5 @@ def set_data_dir(path: str | os.PathLike | None) -> None:
         return
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder not found: {path}")
+        raise LabError(f"data folder not found: {path}")
     os.environ[DATA_ENV] = str(path)

@@ -2,35 +2,30 @@
 
 A ``Pruner`` wraps one loaded model. It memoizes calibration ids and, in cached mode, the
 activation statistics (in memory and on disk, keyed by model + calibration token ids), so a
-new sparsity setting costs only the masks.
+new sparsity setting costs only the masks. It has no lock: ``evaluation.Lab`` is its only caller
+and serialises every job on the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import threading
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from prune import calibration
 from prune.apply import DenseWeights, Masks, apply_masks, touched_modules
-from prune.masks import magnitude_scores, mask_for, mask_from_ranks, row_ranks, wanda_scores
+from prune.masks import mask_from_ranks, row_ranks
+from prune.methods import method_mask
 from prune.models import LoadedModel
 from prune.paths import cache_dir
-from prune.recipe import Recipe, RecipeError
+from prune.progress import Event, Progress, scaled, silent
+from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.report import SparsityReport, sparsity_report
 from prune.roles import ROLES
 from prune.stats import ActivationStats, dense_pass, sequential_pass
-
-Progress = Callable[[float, str], None]
-
-
-def _silent(fraction: float, message: str) -> None:
-    pass
 
 
 @dataclass
@@ -70,21 +65,25 @@ class Pruner:
         # per weight. Kept on CPU only, where kthvalue is the bottleneck (2 bytes per weight).
         self._ranks: dict[tuple[str, str], dict[tuple[int, str], torch.Tensor]] = {}
         self.use_ranks = loaded.device.type == "cpu"
-        self.lock = threading.RLock()  # one job on the model at a time
 
     # ----- calibration and statistics -----------------------------------------------------------
     def seqlen_for(self, requested: int) -> int:
         """Never above the model's context (the reference's max_position_embeddings can OOM)."""
         return min(requested, self.loaded.max_length)
 
-    def calibration_ids(self, recipe: Recipe) -> torch.Tensor:
-        spec = recipe.calibration
-        spec.seqlen = self.seqlen_for(spec.seqlen)
+    def calibration_ids(self, spec: CalibrationSpec) -> torch.Tensor:
+        """The calibration tokens of a spec (its seqlen capped at the model's context), memoized.
+        Generated calibration samples the dense model; the current masks are put back after."""
+        spec = dataclasses.replace(spec, seqlen=self.seqlen_for(spec.seqlen))
         if spec.key() not in self._ids:
-            with self.dense_weights():
+            masks = self.masks
+            self.restore()
+            try:
                 self._ids[spec.key()] = calibration.calibration_ids(
                     spec, self.loaded.tokenizer, self.loaded.model, self.batch_size
                 )
+            finally:
+                self.apply(masks)
         return self._ids[spec.key()]
 
     def _stats_key(self, ids: torch.Tensor) -> str:
@@ -93,9 +92,10 @@ class Pruner:
         return hashlib.sha1(text.encode()).hexdigest()[:20]
 
     def cached_statistics(
-        self, ids: torch.Tensor, progress: Progress = _silent
+        self, ids: torch.Tensor, progress: Progress = silent
     ) -> tuple[ActivationStats, str]:
-        """Dense statistics for these ids: from memory, from disk, or one calibration pass."""
+        """Dense statistics for these ids: from memory, from disk, or one calibration pass (on the
+        dense model; the current masks are put back after)."""
         key = self._stats_key(ids)
         if key in self._stats:
             return self._stats[key], "cached: memory"
@@ -103,8 +103,12 @@ class Pruner:
         if path.exists():
             stats, source = ActivationStats.load(path, self.loaded.device), "cached: disk"
         else:
-            with self.dense_weights():
+            masks = self.masks
+            self.restore()
+            try:
                 stats = dense_pass(self.loaded.model, self.loaded.roles, ids, self.batch_size, progress)
+            finally:
+                self.apply(masks)
             self.calibration_passes += 1
             stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
             source = "cached: computed"
@@ -116,35 +120,34 @@ class Pruner:
         self, recipe: Recipe, layer: int, stats: ActivationStats | None, ranks: dict | None = None
     ) -> Masks:
         """Masks of one layer; ``ranks`` (from ``_rank_cache``) only when the weights are dense."""
-        model, roles = self.loaded.model, self.loaded.roles
+        model, roles, spec = self.loaded.model, self.loaded.roles, recipe.method_spec
         masks = {}
         for role in roles.roles:
             sparsity = recipe.sparsity_for(layer, role)
             if sparsity <= 0:
                 continue
-            (target,) = roles.targets[(layer, role)]
+            target = roles.targets[(layer, role)]
             sq_norm = stats.sq_norms[target.module] if stats is not None else None
             weight = target.weight(model)
             if ranks is None:
-                masks[(layer, role)] = mask_for(
-                    recipe.method, weight, sq_norm, sparsity, recipe.nm, recipe.use_variant
+                masks[(layer, role)] = method_mask(
+                    spec, weight, sq_norm, sparsity, recipe.nm, recipe.use_variant
                 )
                 continue
             if (layer, role) not in ranks:
-                scores = wanda_scores(weight, sq_norm) if sq_norm is not None else magnitude_scores(weight)
-                ranks[(layer, role)] = row_ranks(scores)
+                ranks[(layer, role)] = row_ranks(spec.scores(weight, sq_norm))
             masks[(layer, role)] = mask_from_ranks(ranks[(layer, role)], sparsity)
         return masks
 
     def _rank_cache(self, recipe: Recipe, stats_key: str) -> dict | None:
         """Row ranks of the dense scores for (statistics, method), where masks can come from them."""
-        row_wise = recipe.nm is None and not recipe.use_variant and recipe.method != "magnitude"
+        row_wise = recipe.nm is None and not recipe.use_variant and recipe.method_spec.per_row
         if not (row_wise and self.use_ranks):
             return None
         return self._ranks.setdefault((stats_key, recipe.method), {})
 
     def _check(self, recipe: Recipe) -> None:
-        recipe.validate()
+        """What only the loaded model can tell: its roles, its layers, its matrix widths."""
         roles = self.loaded.roles
         tables = [recipe.sparsity, *recipe.per_layer.values()]
         asked = {key for table in tables for key, value in table.items() if value > 0 and key in ROLES}
@@ -159,90 +162,91 @@ class Pruner:
             raise RecipeError(f"per_layer names layers {bad_layers}; the model has {roles.num_layers}")
         if recipe.nm:
             m = recipe.nm[1]
-            for layer, role, targets in roles.items():
+            for layer, role, target in roles.items():
                 if recipe.sparsity_for(layer, role) > 0:
-                    width = targets[0].weight(self.loaded.model).shape[1]
+                    width = target.weight(self.loaded.model).shape[1]
                     if width % m:
                         raise RecipeError(f"{role} has {width} input columns, not divisible by M={m}")
 
     # ----- the run ------------------------------------------------------------------------------
     def prune(
-        self, recipe: Recipe, progress: Progress = _silent, ids: torch.Tensor | None = None
+        self, recipe: Recipe, progress: Progress = silent, ids: torch.Tensor | None = None
     ) -> PruneResult:
         """Restore the dense model, then prune it in place as the recipe says."""
-        with self.lock:
-            self._check(recipe)
-            self.restore()
-            timings: dict[str, float] = {}
-            start = time.perf_counter()
-            passes_before = self.calibration_passes
-            calib_info: dict = {}
-            model, roles = self.loaded.model, self.loaded.roles
-            wanted = [
-                layer
-                for layer in range(roles.num_layers)
-                if any(recipe.sparsity_for(layer, r) > 0 for r in roles.roles)
-            ]
-            if not recipe.needs_statistics or not wanted:
-                masks: Masks = {}
-                ranks = self._rank_cache(recipe, "")  # scores from the weights alone
-                for layer in wanted:
-                    masks.update(self._layer_masks(recipe, layer, None, ranks))
-                source = "none"
-            else:
-                t = time.perf_counter()
-                if ids is None:
-                    ids = self.calibration_ids(recipe)
-                timings["calibration_data_s"] = time.perf_counter() - t
-                calib_info = {
-                    "source": recipe.calibration.source,
-                    "nsamples": int(ids.shape[0]),
-                    "seqlen": int(ids.shape[1]),
-                    "tokens": int(ids.numel()),
-                    "ids": ids_digest(ids),
-                }
-                if recipe.stats_mode == "cached":
-                    t = time.perf_counter()
-                    stats, source = self.cached_statistics(ids, lambda f, m: progress(0.9 * f, m))
-                    timings["statistics_s"] = time.perf_counter() - t
-                    masks = {}
-                    t = time.perf_counter()
-                    ranks = self._rank_cache(recipe, self._stats_key(ids))
-                    for layer in wanted:
-                        masks.update(self._layer_masks(recipe, layer, stats, ranks))
-                    timings["masks_s"] = time.perf_counter() - t
-                else:
-                    try:
-                        masks = self._sequential(recipe, ids, wanted[-1], progress)
-                    except BaseException:
-                        self.dense.restore()  # a half-pruned model must not survive a failure
-                        raise
-                    source = "sequential"
-                    self.calibration_passes += 1
+        self._check(recipe)
+        self.restore()
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        passes_before = self.calibration_passes
+        calib_info: dict = {}
+        roles = self.loaded.roles
+        wanted = [
+            layer
+            for layer in range(roles.num_layers)
+            if any(recipe.sparsity_for(layer, r) > 0 for r in roles.roles)
+        ]
+        if not recipe.needs_statistics or not wanted:
+            masks: Masks = {}
+            ranks = self._rank_cache(recipe, "")  # scores from the weights alone
+            for layer in wanted:
+                masks.update(self._layer_masks(recipe, layer, None, ranks))
+            source = "none"
+        else:
             t = time.perf_counter()
-            self._ensure_snapshot()
-            apply_masks(model, roles, masks)
-            self.masks = masks
-            timings["apply_s"] = time.perf_counter() - t
-            report = sparsity_report(model, roles, masks, recipe.sparsity_for)
-            timings["total_s"] = time.perf_counter() - start
-            progress(1.0, "pruned")
-            return PruneResult(
-                recipe, report, masks, timings, source, self.calibration_passes - passes_before, calib_info
-            )
+            progress(Event("calibration", 0.0, f"calibration data: {recipe.calibration.source}"))
+            if ids is None:
+                ids = self.calibration_ids(recipe.calibration)
+            timings["calibration_data_s"] = time.perf_counter() - t
+            calib_info = {
+                "source": recipe.calibration.source,
+                "nsamples": int(ids.shape[0]),
+                "seqlen": int(ids.shape[1]),
+                "tokens": int(ids.numel()),
+                "ids": ids_digest(ids),
+            }
+            if recipe.stats_mode == "cached":
+                t = time.perf_counter()
+                stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9))
+                timings["statistics_s"] = time.perf_counter() - t
+                masks = {}
+                t = time.perf_counter()
+                ranks = self._rank_cache(recipe, self._stats_key(ids))
+                for layer in wanted:
+                    masks.update(self._layer_masks(recipe, layer, stats, ranks))
+                timings["masks_s"] = time.perf_counter() - t
+            else:
+                masks = self._sequential(recipe, ids, wanted[-1], progress)  # applied layer by layer
+                source = "sequential"
+                self.calibration_passes += 1
+        t = time.perf_counter()
+        if source != "sequential":
+            self.apply(masks)
+        timings["apply_s"] = time.perf_counter() - t
+        report = sparsity_report(self.loaded.model, roles, masks, recipe.sparsity_for)
+        timings["total_s"] = time.perf_counter() - start
+        progress(Event("prune", 1.0, "pruned"))
+        return PruneResult(
+            recipe, report, masks, timings, source, self.calibration_passes - passes_before, calib_info
+        )
 
     def _sequential(self, recipe: Recipe, ids: torch.Tensor, last_layer: int, progress: Progress) -> Masks:
+        """The reference procedure; a failure halfway leaves the model dense, bitwise."""
         self._ensure_snapshot()
         masks: Masks = {}
         model, roles = self.loaded.model, self.loaded.roles
 
         def prune_layer(layer: int, stats: ActivationStats) -> bool:
             layer_masks = self._layer_masks(recipe, layer, stats)
-            apply_masks(model, roles, layer_masks)
             masks.update(layer_masks)
+            apply_masks(model, roles, layer_masks)
             return bool(layer_masks)
 
-        sequential_pass(model, roles, ids, self.batch_size, prune_layer, last_layer, progress)
+        self.masks = masks  # grows layer by layer, so restore() knows what was touched
+        try:
+            sequential_pass(model, roles, ids, self.batch_size, prune_layer, last_layer, progress)
+        except BaseException:
+            self.restore()
+            raise
         return masks
 
     # ----- reversibility ------------------------------------------------------------------------
@@ -252,39 +256,20 @@ class Pruner:
 
     def restore(self) -> None:
         """Back to the dense model, bitwise; only the matrices the masks touched are copied."""
-        with self.lock:
-            if self.dense is not None and self.masks:
-                self.dense.restore(touched_modules(self.loaded.roles, self.masks))
-            self.masks = {}
+        if self.dense is not None and self.masks:
+            self.dense.restore(touched_modules(self.loaded.roles, self.masks))
+        self.masks = {}
 
     def apply(self, masks: Masks) -> None:
-        """Switch to another pruned state (e.g. another session's) without recomputing it."""
-        with self.lock:
-            self.restore()
-            self._ensure_snapshot()
+        """Switch to another pruned state (e.g. another session's) without recomputing it. Atomic:
+        a failure halfway (out of memory, say) restores every matrix it may have touched."""
+        self.restore()
+        if not masks:
+            return
+        self._ensure_snapshot()
+        self.masks = masks
+        try:
             apply_masks(self.loaded.model, self.loaded.roles, masks)
-            self.masks = masks
-
-    @contextmanager
-    def dense_weights(self):
-        """Run something on the dense model, then put the current masks back."""
-        with self.lock:
-            masks = self.masks
+        except BaseException:
             self.restore()
-            try:
-                yield self.loaded.model
-            finally:
-                if masks:
-                    apply_masks(self.loaded.model, self.loaded.roles, masks)
-                    self.masks = masks
-
-    @contextmanager
-    def pruned_weights(self, masks: Masks):
-        """Run something on a given pruned state, then put the current masks back."""
-        with self.lock:
-            previous = self.masks
-            self.apply(masks)
-            try:
-                yield self.loaded.model
-            finally:
-                self.apply(previous)
+            raise

@@ -1,28 +1,50 @@
 """One declarative description of a pruning run, shared by the CLI, the app and the sweeps.
 
-A ``Recipe`` round-trips through JSON and YAML; ``Recipe.validate`` turns bad input into a
-``RecipeError`` whose message a person can act on.
+A ``Recipe`` is a frozen value: it validates itself when built (from flags, a dict, JSON or YAML),
+turning bad input into a ``RecipeError`` whose message a person can act on, and round-trips
+through JSON and YAML. Changes are ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prune.errors import RecipeError
+from prune.methods import Method, method
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 
-METHODS = ("wanda", "magnitude", "magnitude-row")
 STATS_MODES = ("sequential", "cached")
 CALIBRATION_SOURCES = ("c4", "wikitext2", "generated", "file")
 
 
-class RecipeError(ValueError):
-    """A recipe or flag that cannot be run; the message says what to change."""
+class FrozenDict(dict):
+    """A dict that cannot change, so a recipe can be shared between sessions and threads safely."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("recipes are frozen: make a changed copy with dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> FrozenDict:
+        return self
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
 
 
-@dataclass
+def _set(obj, name: str, value) -> None:
+    """Normalise a field of a frozen dataclass while it is being built."""
+    object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True)
 class CalibrationSpec:
     source: str = "c4"
     nsamples: int = 128
@@ -30,21 +52,46 @@ class CalibrationSpec:
     seed: int = 0
     path: str | None = None  # for source="file": a .txt, .jsonl, .json or .parquet file
 
+    def __post_init__(self) -> None:
+        if self.source not in CALIBRATION_SOURCES:
+            raise RecipeError(
+                f"unknown calibration source {self.source!r}; choose one of {', '.join(CALIBRATION_SOURCES)}"
+            )
+        if self.source == "file" and not self.path:
+            raise RecipeError("calibration source 'file' needs a path")
+        check_whole("calibration nsamples", self.nsamples, 1)
+        check_whole("calibration seqlen", self.seqlen, 2)
+        check_whole("calibration seed", self.seed, 0)
+
     def key(self) -> str:
         return f"{self.source}:{self.path or ''}:n{self.nsamples}:L{self.seqlen}:s{self.seed}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSpec:
-    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    datasets: tuple[str, ...] = ("wikitext2",)
     seqlen: int = 2048
     max_windows: int | None = None  # None: the full protocol
-    tasks: list[str] = field(default_factory=list)  # lm-eval task names
+    tasks: tuple[str, ...] = ()  # lm-eval task names
     limit: int | None = None  # lm-eval examples per task
 
+    def __post_init__(self) -> None:
+        for name in ("datasets", "tasks"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(x, str) for x in value):
+                raise RecipeError(f"evaluation {name} must be a list of names; got {value!r}")
+            _set(self, name, tuple(value))
+        check_whole("evaluation seqlen", self.seqlen, 2)
+        if self.max_windows is not None:
+            check_whole("evaluation max_windows", self.max_windows, 0)
+        if self.limit is not None:
+            check_whole("task limit", self.limit, 1)
 
-@dataclass
+
+@dataclass(frozen=True)
 class Recipe:
+    """A pruning run, validated when it is built; change it with ``dataclasses.replace``."""
+
     model: str = "smollm2-135m-instruct"
     revision: str | None = None
     dtype: str = "auto"
@@ -54,12 +101,48 @@ class Recipe:
     structure: str = "unstructured"  # or "N:M", e.g. "2:4"
     use_variant: bool = False  # the Wanda reference's cumulative-sum threshold
     # role or group ("attn", "mlp", "all") -> fraction pruned; a role beats its group, a group "all"
-    sparsity: dict[str, float] = field(default_factory=dict)
-    layers: list[int] | None = None  # [start, end): only these decoder layers are pruned
-    per_layer: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> role -> s
+    sparsity: Mapping[str, float] = field(default_factory=FrozenDict)
+    layers: tuple[int, int] | None = None  # [start, end): only these decoder layers are pruned
+    per_layer: Mapping[int, Mapping[str, float]] = field(default_factory=FrozenDict)  # layer -> role -> s
     stats_mode: str = "sequential"
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise RecipeError("a recipe needs a model name")
+        spec = method(self.method)
+        nm = self.nm  # parses and checks the N:M structure
+        if nm and not spec.supports_nm:
+            raise RecipeError(f"method {self.method!r} has no N:M form")
+        if self.use_variant and (not spec.supports_variant or nm):
+            raise RecipeError("use_variant applies to unstructured Wanda only")
+        if self.stats_mode not in STATS_MODES:
+            raise RecipeError(
+                f"unknown statistics mode {self.stats_mode!r}; choose one of {', '.join(STATS_MODES)}"
+            )
+        _set(self, "sparsity", _sparsity_table(self.sparsity, "sparsity"))
+        if not isinstance(self.per_layer, Mapping):
+            raise RecipeError("per_layer must map layer numbers to role sparsities")
+        per_layer = {}
+        for layer, table in self.per_layer.items():
+            try:
+                index = int(layer)
+            except (TypeError, ValueError):
+                raise RecipeError(f"per_layer keys are layer numbers; got {layer!r}") from None
+            per_layer[index] = _sparsity_table(table, f"per_layer[{index}]")
+        _set(self, "per_layer", FrozenDict(per_layer))
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if (
+                len(layers) != 2
+                or not all(isinstance(x, int) for x in layers)
+                or not 0 <= layers[0] < layers[1]
+            ):
+                raise RecipeError(f"layers must be [start, end) with 0 <= start < end; got {list(layers)}")
+            _set(self, "layers", layers)
+        if not isinstance(self.calibration, CalibrationSpec) or not isinstance(self.evaluation, EvalSpec):
+            raise RecipeError("calibration and evaluation must be CalibrationSpec and EvalSpec")
 
     # ----- the sparsity one (layer, role) gets ---------------------------------------------
     def sparsity_for(self, layer: int, role: str) -> float:
@@ -69,12 +152,14 @@ class Recipe:
             value = lookup(self.per_layer[layer], role)
             if value is not None:
                 return value
-        return self.role_sparsity(role)
-
-    def role_sparsity(self, role: str) -> float:
-        """The recipe-wide sparsity of a role (before layer range and per-layer overrides)."""
         value = lookup(self.sparsity, role)
         return 0.0 if value is None else value
+
+    def realised_sparsity(self, layer: int, role: str) -> float:
+        """What the masks will realise: N:M prunes N/M of every role it touches, whatever the slider."""
+        value = self.sparsity_for(layer, role)
+        nm = self.nm
+        return nm[0] / nm[1] if nm and value > 0 else value
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -83,44 +168,28 @@ class Recipe:
         return parse_nm(self.structure)
 
     @property
-    def needs_statistics(self) -> bool:
-        return self.method == "wanda"
+    def method_spec(self) -> Method:
+        return method(self.method)
 
-    # ----- checks ----------------------------------------------------------------------------
-    def validate(self) -> Recipe:
-        if self.method not in METHODS:
-            raise RecipeError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.stats_mode not in STATS_MODES:
-            raise RecipeError(
-                f"unknown statistics mode {self.stats_mode!r}; choose one of {', '.join(STATS_MODES)}"
-            )
-        self.nm  # noqa: B018 - parses and checks the N:M structure
-        if self.use_variant and (self.method != "wanda" or self.nm):
-            raise RecipeError("use_variant applies to unstructured Wanda only")
-        tables = [self.sparsity, *self.per_layer.values()]
-        for table in tables:
-            for key, value in table.items():
-                check_key(key)
-                check_fraction(f"sparsity of {key}", value)
-        if self.layers is not None:
-            if len(self.layers) != 2 or self.layers[0] < 0 or self.layers[1] <= self.layers[0]:
-                raise RecipeError(f"layers must be [start, end) with 0 <= start < end; got {self.layers}")
-        cal = self.calibration
-        if cal.source not in CALIBRATION_SOURCES:
-            raise RecipeError(
-                f"unknown calibration source {cal.source!r}; choose one of {', '.join(CALIBRATION_SOURCES)}"
-            )
-        if cal.source == "file" and not cal.path:
-            raise RecipeError("calibration source 'file' needs a path")
-        if cal.nsamples < 1 or cal.seqlen < 2:
-            raise RecipeError("calibration needs nsamples >= 1 and seqlen >= 2")
-        if self.evaluation.seqlen < 2:
-            raise RecipeError("evaluation seqlen must be >= 2")
-        return self
+    @property
+    def needs_statistics(self) -> bool:
+        return self.method_spec.needs_statistics
 
     # ----- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML types."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["sparsity"] = dict(self.sparsity)
+        data["per_layer"] = {layer: dict(table) for layer, table in self.per_layer.items()}
+        data["layers"] = list(self.layers) if self.layers is not None else None
+        data["calibration"] = dataclasses.asdict(self.calibration)
+        evaluation = dataclasses.asdict(self.evaluation)
+        data["evaluation"] = {
+            **evaluation,
+            "datasets": list(evaluation["datasets"]),
+            "tasks": list(evaluation["tasks"]),
+        }
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
@@ -133,11 +202,14 @@ class Recipe:
             data["calibration"] = _sub(CalibrationSpec, data["calibration"], "calibration")
         if "evaluation" in data:
             data["evaluation"] = _sub(EvalSpec, data["evaluation"], "evaluation")
-        if "per_layer" in data:
-            data["per_layer"] = {int(k): dict(v) for k, v in (data["per_layer"] or {}).items()}
-        if data.get("layers") is not None:
-            data["layers"] = [int(x) for x in data["layers"]]
-        return cls(**data)
+        if data.get("per_layer") is None:
+            data.pop("per_layer", None)
+        if data.get("sparsity") is None:
+            data.pop("sparsity", None)
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise RecipeError(f"bad recipe: {err}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -149,16 +221,26 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.exists():
+        path = Path(path).expanduser()
+        if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError's parser errors
+            raise RecipeError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
+        except Exception as err:
+            if type(err).__module__.startswith("yaml"):
+                mark = getattr(err, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise RecipeError(f"{path} is not valid YAML: {problem}{where}") from None
+            raise
         if not isinstance(data, dict):
             raise RecipeError(f"{path} does not hold a recipe mapping")
         return cls.from_dict(data)
@@ -177,7 +259,10 @@ def _sub(cls, value, name: str):
     unknown = set(value) - known
     if unknown:
         raise RecipeError(f"unknown {name} fields: {', '.join(sorted(unknown))}")
-    return cls(**value)
+    try:
+        return cls(**value)
+    except TypeError as err:
+        raise RecipeError(f"bad {name}: {err}") from None
 
 
 GROUPS = {"attn": ATTENTION_ROLES, "mlp": MLP_ROLES, "all": ROLES}
@@ -198,8 +283,23 @@ def check_key(key: str) -> None:
 
 
 def check_fraction(what: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0.0 <= float(value) <= 1.0:
         raise RecipeError(f"{what} must be a fraction in [0, 1]; got {value!r}")
+
+
+def check_whole(what: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise RecipeError(f"{what} must be a whole number >= {low}; got {value!r}")
+
+
+def _sparsity_table(table: Mapping, what: str) -> FrozenDict:
+    if not isinstance(table, Mapping):
+        raise RecipeError(f"{what} must map roles to fractions; got {table!r}")
+    for key, value in table.items():
+        check_key(key)
+        check_fraction(f"sparsity of {key}", value)
+    return FrozenDict({key: float(value) for key, value in table.items()})
 
 
 def parse_nm(text: str) -> tuple[int, int]:

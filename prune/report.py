@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from prune.apply import Masks
-from prune.roles import RoleMap
+from prune.recipe import Recipe
+from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES, RoleMap
 
 
 @dataclass
@@ -79,12 +81,27 @@ def sparsity_report(model: nn.Module, roles: RoleMap, masks: Masks, requested) -
     )
 
 
-def planned_pruned_weights(layer_counts: dict[str, int], num_layers: int, requested) -> int:
-    """Weights a setting will prune, before anything runs: the requested fraction of each role's
-    weights, rounded. Row-wise pruning takes int(in * s) per row, so it may prune up to one weight
-    per row fewer (the app's readout; tests allow 1%)."""
-    return sum(
-        int(round(requested(layer, role) * layer_counts[role]))
-        for layer in range(num_layers)
-        for role in layer_counts
-    )
+def planned_counts(recipe: Recipe, layer_counts: Mapping[str, int], num_layers: int) -> dict[str, int]:
+    """Weights a recipe will prune before anything runs (all, attention, MLP) and the totals they
+    are counted against. Each role loses its realised fraction of its weights, rounded; row-wise
+    pruning takes int(in * s) per row, so it may prune up to one weight per row fewer."""
+
+    def pruned(group: tuple[str, ...]) -> int:
+        return sum(
+            int(round(recipe.realised_sparsity(layer, role) * layer_counts[role]))
+            for layer in range(num_layers)
+            for role in group
+            if role in layer_counts
+        )
+
+    def params(group: tuple[str, ...]) -> int:
+        return num_layers * sum(layer_counts.get(role, 0) for role in group)
+
+    return {
+        "pruned": pruned(ROLES),
+        "attention": pruned(ATTENTION_ROLES),
+        "mlp": pruned(MLP_ROLES),
+        "linear": params(ROLES),
+        "attention_params": params(ATTENTION_ROLES),
+        "mlp_params": params(MLP_ROLES),
+    }

@@ -1,8 +1,8 @@
 """Module roles: the only place that knows what each architecture calls its linear layers.
 
-Everything above this module speaks of seven roles. A role in one decoder layer maps to a
-list of ``Target``s: a module, an optional slice of its output rows (Phi-3 and GPT-2 fuse
-q/k/v into one matrix) and whether the stored weight is transposed (GPT-2's ``Conv1D``).
+Everything above this module speaks of seven roles. A role in one decoder layer maps to one
+``Target``: a module, an optional slice of its output rows (Phi-3 and GPT-2 fuse q/k/v into one
+matrix) and whether the stored weight is transposed (GPT-2's ``Conv1D``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from enum import Enum
 
 import torch
 from torch import nn
+
+from prune.errors import LabError
 
 
 class ModuleRole(str, Enum):
@@ -30,8 +32,8 @@ ATTENTION_ROLES: tuple[str, ...] = ("q", "k", "v", "o")
 MLP_ROLES: tuple[str, ...] = ("gate", "up", "down")
 
 
-class UnsupportedArchitecture(ValueError):
-    pass
+class UnsupportedArchitecture(LabError):
+    """A model whose module names this table does not know."""
 
 
 @dataclass(frozen=True)
@@ -158,17 +160,16 @@ class RoleMap:
     layers_path: str
     num_layers: int
     roles: tuple[str, ...]  # the roles this architecture has, in canonical order
-    targets: dict[tuple[int, str], list[Target]]
+    targets: dict[tuple[int, str], Target]
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
 
     def modules_in_layer(self, layer: int) -> list[str]:
         """Names of the distinct modules that hold this layer's roles (fused ones once)."""
-        names = [t.module for role in self.roles for t in self.targets[(layer, role)]]
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(self.targets[(layer, role)].module for role in self.roles))
 
-    def items(self) -> Iterator[tuple[int, str, list[Target]]]:
+    def items(self) -> Iterator[tuple[int, str, Target]]:
         for layer in range(self.num_layers):
             for role in self.roles:
                 yield layer, role, self.targets[(layer, role)]
@@ -176,13 +177,17 @@ class RoleMap:
     def param_counts(self, model: nn.Module) -> dict[str, int]:
         """Weights per role over all layers: what "pruned weights" is counted against."""
         counts = dict.fromkeys(self.roles, 0)
-        for _, role, targets in self.items():
-            counts[role] += sum(t.weight(model).numel() for t in targets)
+        for _, role, target in self.items():
+            counts[role] += target.weight(model).numel()
         return counts
 
     def layer_param_counts(self, model: nn.Module) -> dict[str, int]:
         """Weights per role in one layer (layers are identical in the supported families)."""
-        return {role: sum(t.weight(model).numel() for t in self.targets[(0, role)]) for role in self.roles}
+        return {role: self.targets[(0, role)].weight(model).numel() for role in self.roles}
+
+    def shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """(out, in) of each role's matrix in one layer."""
+        return {role: tuple(self.targets[(0, role)].weight(model).shape) for role in self.roles}
 
 
 def role_map(model: nn.Module) -> RoleMap:
@@ -195,10 +200,10 @@ def role_map(model: nn.Module) -> RoleMap:
     layers_path, table = LAYOUTS[model_type]
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = len(model.get_submodule(layers_path))
-    targets: dict[tuple[int, str], list[Target]] = {}
+    targets: dict[tuple[int, str], Target] = {}
     for layer in range(num_layers):
         for role, (path, rows_fn, transposed) in table.items():
             rows = rows_fn(text_config) if rows_fn else None
-            targets[(layer, role)] = [Target(f"{layers_path}.{layer}.{path}", rows, transposed)]
+            targets[(layer, role)] = Target(f"{layers_path}.{layer}.{path}", rows, transposed)
     roles = tuple(r for r in ROLES if r in table)
     return RoleMap(model_type, layers_path, num_layers, roles, targets)

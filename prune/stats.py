@@ -17,13 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prune.progress import Event, Progress, silent
 from prune.roles import RoleMap
-
-Progress = Callable[[float, str], None]
-
-
-def _silent(fraction: float, message: str) -> None:
-    pass
 
 
 class RunningNorm:
@@ -95,7 +90,7 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def dense_pass(
-    model: nn.Module, roles: RoleMap, ids: torch.Tensor, batch_size: int, progress: Progress = _silent
+    model: nn.Module, roles: RoleMap, ids: torch.Tensor, batch_size: int, progress: Progress = silent
 ) -> ActivationStats:
     """Statistics of every pruned matrix from one dense pass; stops before the LM head."""
     names = [n for layer in range(roles.num_layers) for n in roles.modules_in_layer(layer)]
@@ -112,7 +107,16 @@ def dense_pass(
                 model(chunk.to(_device(model)), use_cache=False)
             except _Stop:
                 pass
-            progress((i + 1) / len(chunks), f"calibration pass: batch {i + 1}/{len(chunks)}")
+            done, steps = i + 1, len(chunks)
+            progress(
+                Event(
+                    "statistics",
+                    done / steps,
+                    f"calibration pass: batch {done}/{steps}",
+                    step=done,
+                    steps=steps,
+                )
+            )
     finally:
         for h in handles:
             h.remove()
@@ -159,7 +163,7 @@ def sequential_pass(
     batch_size: int,
     prune_layer: Callable[[int, ActivationStats], bool],
     last_layer: int | None = None,
-    progress: Progress = _silent,
+    progress: Progress = silent,
 ) -> None:
     """Wanda's layer-by-layer procedure. ``prune_layer(i, stats)`` prunes layer i in place and
     says whether it changed anything; only then is the layer re-run for the next one's inputs.
@@ -178,4 +182,7 @@ def sequential_pass(
         if prune_layer(i, stats):
             outputs = [_run_layer(layer, *call) for call in calls]
         calls = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs, strict=True)]
-        progress((i + 1) / (last + 1), f"sequential pruning: layer {i + 1}/{last + 1}")
+        done, steps = i + 1, last + 1
+        progress(
+            Event("prune", done / steps, f"sequential pruning: layer {done}/{steps}", step=done, steps=steps)
+        )

@@ -32,9 +32,9 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_lab(smollm2):
-    """A Lab on the real model. Tests that prune must leave it restored (lab.pruner.restore())."""
+    """A Lab on the real model. Tests that prune must leave it restored (lab.restore())."""
     from evaluation.lab import Lab
 
     lab = Lab(smollm2)
     yield lab
-    lab.pruner.restore()
+    lab.restore()

@@ -6,6 +6,7 @@ through ``gradio_client`` like a user would: each ``Client`` is its own browser 
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from tiny import random_ids, tiny_model
 
 from prune.pruner import Pruner
 from prune.recipe import Recipe, RecipeError
+from prune.report import planned_counts
 from ui.engine import PackedMasks, run_job
-from ui.recipes import Controls, ModelShape, build_recipe, planned, preset, readout
+from ui.recipes import Controls, ModelShape, build_recipe, preset, readout
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for a shared 2-core CPU: 4 x 128 calibration tokens, 2 windows of 128 tokens.
@@ -41,7 +43,7 @@ def test_controls_build_a_valid_recipe_with_fractions_and_layer_range():
     shape = shape_of("llama")
     recipe = build_recipe(Controls(q=30, down=70, layer_first=1, layer_last=2, eval_windows=0), shape)
     assert recipe.sparsity["q"] == pytest.approx(0.3) and recipe.sparsity["down"] == pytest.approx(0.7)
-    assert recipe.layers == [1, 3] and recipe.evaluation.max_windows is None
+    assert recipe.layers == (1, 3) and recipe.evaluation.max_windows is None
     assert recipe.stats_mode == "cached" and recipe.model == "llama"
     assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
     full = build_recipe(Controls(layer_first=0, layer_last=2), shape)
@@ -54,7 +56,7 @@ def test_absent_roles_are_left_out_and_readout_counts_match_the_pruner():
     assert "gate" not in recipe.sparsity
     lm = tiny_model("phi")
     result = Pruner(lm).prune(recipe, ids=random_ids())
-    plan = planned(recipe, shape)
+    plan = planned_counts(recipe, shape.layer_counts, shape.num_layers)
     attention = sum(result.report.roles[r].pruned for r in ("q", "k", "v", "o"))
     assert plan["attention"] == attention  # widths divide evenly: exact
     assert plan["pruned"] == pytest.approx(result.report.pruned, rel=0.01)  # int(in * s) per row
@@ -85,14 +87,14 @@ def test_presets_and_the_equal_budget_preset():
     attention_only = preset("attention", 40, shape)
     assert attention_only["q"] == 40 and attention_only["down"] == 0
     equal = preset("equal", 40, shape)
-    plan = planned(build_recipe(Controls(**equal), shape), shape)
+    plan = planned_counts(build_recipe(Controls(**equal), shape), shape.layer_counts, shape.num_layers)
     assert plan["attention"] == pytest.approx(plan["mlp"], rel=0.02)  # same number of pruned weights
 
 
 def test_nm_readout_counts_n_of_m():
     shape = shape_of("llama")
     recipe = build_recipe(Controls(structure="2:4", q=10, k=0, v=0, o=0, gate=0, up=0, down=0), shape)
-    plan = planned(recipe, shape)
+    plan = planned_counts(recipe, shape.layer_counts, shape.num_layers)
     assert plan["pruned"] == plan["attention"] == shape.num_layers * shape.layer_counts["q"] // 2
 
 
@@ -120,6 +122,22 @@ def test_run_job_streams_events_and_reraises_in_the_caller():
     assert next(events) == ("step", 1)
     with pytest.raises(RecipeError, match="bad"):
         next(events)
+
+
+def test_tabs_import_only_the_shared_ui_modules():
+    """Tabs never import each other: what they share lives in ui.common (and engine, recipes, plots)."""
+    shared = {"ui.common", "ui.engine", "ui.recipes", "ui.plots"}
+    for path in sorted((ROOT / "ui").glob("*_tab.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "ui":
+                imported |= {f"ui.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        ui_modules = {m for m in imported if m.startswith("ui.")}
+        assert ui_modules <= shared, f"{path.name} imports {sorted(ui_modules - shared)}"
 
 
 def test_help_lists_the_flags():

@@ -1,16 +1,16 @@
 """The command line end to end on the real SmolLM2, and its answers to bad input."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.model
-
-QUICK = ["--nsamples", "8", "--seqlen", "128", "--eval-seqlen", "256", "--max-windows", "2", "--quiet"]
+QUICK = ["--nsamples", "8", "--seqlen", "128", "--eval-seqlen", "256", "--max-windows", "2"]
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -25,6 +25,7 @@ def zeros_of(folder) -> dict[str, torch.Tensor]:
     return {k: v == 0 for k, v in weights.items() if k.endswith("proj.weight")}
 
 
+@pytest.mark.model
 def test_prune_evaluate_save_and_reproduce(tmp_path, smollm2):
     first = tmp_path / "first"
     out = cli(
@@ -59,6 +60,13 @@ def test_prune_evaluate_save_and_reproduce(tmp_path, smollm2):
     pruned = sum(int(z.sum()) for z in saved.values())
     assert pruned == report["pruned"]
 
+    # beside the JSON, a summary for a person on stderr: per role asked, achieved, pruned weights
+    summary = {line.split()[0]: line.split()[1:] for line in out.stderr.splitlines() if line.strip()}
+    for role, r in report["roles"].items():
+        assert summary[role] == ["50.00%", "50.00%", f"{r['pruned']:,}"]
+    dense, pruned_ppl = ppl["dense"]["perplexity"], ppl["pruned"]["perplexity"]
+    assert f"perplexity wikitext2: {dense:.3f} -> {pruned_ppl:.3f}" in out.stderr
+
     # the saved recipe and calibration ids reproduce the same zeros
     second = tmp_path / "second"
     cli(
@@ -76,6 +84,7 @@ def test_prune_evaluate_save_and_reproduce(tmp_path, smollm2):
     assert all(torch.equal(saved[k], again[k]) for k in saved)
 
 
+@pytest.mark.model
 def test_info_lists_roles():
     out = json.loads(cli("info", "smollm2-135m-instruct").stdout)
     assert out["architecture"] == "llama" and out["layers"] == 30
@@ -83,27 +92,125 @@ def test_info_lists_roles():
     assert sum(out["role_parameters"].values()) == 106168320
 
 
+RECIPE_FILES = {
+    "bad.json": '{"method": "wanda", ',
+    "bad.yaml": "sparsity: {all: 0.5\nmethod: [wanda",
+    "list.yaml": "- wanda\n- 0.5\n",
+    "unknown.yaml": "method: wanda\nsparsty: {all: 0.5}\n",
+    "unknown-calibration.json": '{"calibration": {"samples": 8}}',
+    "method.json": '{"method": "sparsegpt"}',
+    "fraction.yaml": "sparsity: {all: 1.5}\n",
+    "nsamples.yaml": "calibration: {nsamples: many}\n",
+    "layers.json": '{"layers": [5, 2]}',
+}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "no-such-org/no-such-model-xyz"], "could not load model"),
         (["--sparsity", "q=1.5"], "fraction in [0, 1]"),
         (["--sparsity", "zz=0.5"], "unknown role 'zz'"),
         (["--structure", "4:4"], "0 < N < M"),
         (["--structure", "8:4"], "0 < N < M"),
         (["--eval", "nowhere.txt"], "not wikitext2, c4 or an existing file"),
-        (["--calibration", "TOO_SHORT", "--nsamples", "4", "--seqlen", "128"], "too short for 4 x 128"),
+        (["--method", "sparsegpt"], "invalid choice: 'sparsegpt'"),
+        (["--stats", "later"], "invalid choice: 'later'"),
+        (["--nsamples", "many"], "invalid int value: 'many'"),
         (["--recipe", "missing.yaml"], "recipe file not found"),
+        (["--recipe", "TMP/bad.json"], "is not valid json"),
+        (["--recipe", "TMP/bad.yaml"], "is not valid YAML"),
+        (["--recipe", "TMP/list.yaml"], "does not hold a recipe mapping"),
+        (["--recipe", "TMP/unknown.yaml"], "unknown recipe fields: sparsty"),
+        (["--recipe", "TMP/unknown-calibration.json"], "unknown calibration fields: samples"),
+        (["--recipe", "TMP/method.json"], "unknown method 'sparsegpt'"),
+        (["--recipe", "TMP/fraction.yaml"], "fraction in [0, 1]"),
+        (["--recipe", "TMP/nsamples.yaml"], "calibration nsamples must be a whole number"),
+        (["--recipe", "TMP/layers.json"], "0 <= start < end"),
+        (["--calibration-ids", "missing-ids.st"], "calibration ids file not found"),
+        (["study", "single", "--windows", "-1"], "--windows must be >= 0"),
+        (["study", "sideways"], "invalid choice: 'sideways'"),
+        (["info", "--dtype"], "expected one argument"),
     ],
 )
-def test_bad_input_gets_a_message_not_a_traceback(args, message, tmp_path):
-    args = [str(tmp_path / "short.txt") if a == "TOO_SHORT" else a for a in args]
+def test_bad_input_ends_in_one_line_and_exit_2(args, message, tmp_path):
+    assert_user_error(bad_run(args, tmp_path), message)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-org/no-such-model-xyz"], "could not load model"),
+        (["--calibration", "TMP/short.txt", "--nsamples", "4", "--seqlen", "128"], "too short for 4 x 128"),
+    ],
+)
+def test_errors_after_loading_end_in_exit_2(args, message, tmp_path):
+    """Past the model load, the libraries it uses may have written to stderr (the hub's retries,
+    weight-loading bars); the error is still one line, the last, and the exit code 2."""
+    assert_user_error(bad_run(args, tmp_path), message, alone=False)
+
+
+def bad_run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python -m prune ARGS`` with TMP/... naming the bad inputs written here (runs: quiet,
+    no evaluation unless asked)."""
     (tmp_path / "short.txt").write_text("Only a few words here.")
-    result = (
-        cli(*args, "--eval", "none", "--quiet", check=False)
-        if "--eval" not in args
-        else cli(*args, "--quiet", check=False)
-    )
+    for name, text in RECIPE_FILES.items():
+        (tmp_path / name).write_text(text)
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    if args[0] not in ("study", "info"):
+        args += ["--quiet", *([] if "--eval" in args else ["--eval", "none"])]
+    return cli(*args, check=False)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, message: str, alone: bool = True) -> None:
+    """Exit code 2 and one line ``error: ...`` on stderr (``alone``: and nothing else); no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr[-2000:]
+    assert message in lines[-1]
+    if alone:
+        assert len(lines) == 1, result.stderr[-2000:]
+
+
+def test_study_refuses_a_folder_made_with_other_settings(tmp_path):
+    from evaluation.studies import StudyResult, StudySettings, save_study
+
+    out = tmp_path / "study"
+    save_study(StudyResult(StudySettings("single", windows=3), {}), out)
+    before = (out / "points.json").read_text()
+    result = cli("study", "single", "--windows", "4", "--out", str(out), "--quiet", "--no-plots", check=False)
+    assert_user_error(result, "holds a study made with other settings")
+    assert (out / "points.json").read_text() == before
+
+
+def test_summary_lines():
+    from cli.run import summary
+
+    role = {"params": 1000, "pruned": 500, "requested": 0.5, "sparsity": 0.5}
+    output = {
+        "prune": {
+            "report": {
+                "roles": {"q": role, "down": {**role, "pruned": 0, "requested": 0.0, "sparsity": 0.0}},
+                "pruned": 500,
+                "linear_sparsity": 0.25,
+                "total_sparsity": 0.125,
+            }
+        },
+        "perplexity": {"wikitext2": {"pruned": {"perplexity": 30.5}}},
+        "tasks": {"rows": [{"task": "mean", "metric": "acc", "dense": 0.6, "pruned": 0.55}]},
+    }
+    lines = summary(output)
+    assert re.split(r"\s+", lines[1]) == ["q", "50.00%", "50.00%", "500"]
+    assert re.split(r"\s+", lines[2]) == ["down", "0.00%", "0.00%", "0"]
+    assert "25.00%" in lines[3] and "12.50% of all parameters" in lines[3]
+    assert lines[4] == "perplexity wikitext2: 30.500 (pruned; dense not evaluated)"
+    assert lines[5] == "tasks mean acc: 0.6000 -> 0.5500"
+
+
+def test_importing_prune_never_imports_the_command_line():
+    code = "import prune.__main__, sys; print(any(m == 'cli' or m.startswith('cli.') for m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,5 +1,6 @@
 """The engine on tiny random-weight models of every supported family."""
 
+import dataclasses
 import json
 
 import pytest
@@ -28,9 +29,8 @@ def test_role_map_covers_every_matrix_once(arch):
     assert roles.roles == expected
     # every role's rows together cover each role-holding matrix exactly once
     covered: dict[str, int] = {}
-    for _, _, targets in roles.items():
-        for t in targets:
-            covered[t.module] = covered.get(t.module, 0) + t.weight(lm.model).numel()
+    for _, _, t in roles.items():
+        covered[t.module] = covered.get(t.module, 0) + t.weight(lm.model).numel()
     for name, count in covered.items():
         assert count == lm.model.get_submodule(name).weight.numel(), name
     assert sum(roles.param_counts(lm.model).values()) == sum(covered.values())
@@ -45,13 +45,13 @@ def test_wanda_per_role_sparsity_is_exact_and_reversible(arch):
     if "gate" in lm.roles.roles:
         asked["gate"] = 0.4
     result = pruner.prune(Recipe(model=arch, sparsity=asked), ids=random_ids())
-    for layer, role, targets in lm.roles.items():
-        weight = targets[0].weight(lm.model)
+    for layer, role, target in lm.roles.items():
+        weight = target.weight(lm.model)
         want = int(weight.shape[1] * asked[role])
         assert (zeros_per_row(weight) == want).all(), (arch, layer, role)
         assert result.report.roles[role].sparsity == pytest.approx(want / weight.shape[1])
         assert result.report.roles[role].requested == pytest.approx(asked[role])
-    o_name = lm.roles.targets[(0, "o")][0].module + ".weight"
+    o_name = lm.roles.targets[(0, "o")].module + ".weight"
     assert torch.equal(dict(lm.model.named_parameters())[o_name], dense[o_name])  # o=0 stays dense
     pruner.restore()
     for name, param in lm.model.named_parameters():
@@ -62,10 +62,10 @@ def test_wanda_per_role_sparsity_is_exact_and_reversible(arch):
 def test_fused_matrices_keep_each_roles_own_sparsity(arch):
     lm = tiny_model(arch)
     Pruner(lm).prune(recipe("q=0.25,k=0.5,v=0.0"), ids=random_ids())
-    fused = lm.roles.targets[(0, "q")][0]
+    fused = lm.roles.targets[(0, "q")]
     full = lm.model.get_submodule(fused.module).weight
     full = full.t() if fused.transposed else full  # GPT-2's Conv1D stores (in, out)
-    q_rows, k_rows, v_rows = (lm.roles.targets[(0, r)][0].rows for r in ("q", "k", "v"))
+    q_rows, k_rows, v_rows = (lm.roles.targets[(0, r)].rows for r in ("q", "k", "v"))
     assert (zeros_per_row(full[q_rows[0] : q_rows[1]]) == full.shape[1] // 4).all()
     assert (zeros_per_row(full[k_rows[0] : k_rows[1]]) == full.shape[1] // 2).all()
     assert (zeros_per_row(full[v_rows[0] : v_rows[1]]) == 0).all()
@@ -74,8 +74,8 @@ def test_fused_matrices_keep_each_roles_own_sparsity(arch):
 def test_conv1d_statistics_follow_the_input_dimension():
     lm = tiny_model("gpt2")
     stats, _ = Pruner(lm).cached_statistics(random_ids())
-    up = lm.roles.targets[(0, "up")][0]
-    down = lm.roles.targets[(0, "down")][0]
+    up = lm.roles.targets[(0, "up")]
+    down = lm.roles.targets[(0, "down")]
     assert stats.sq_norms[up.module].shape == (64,)  # c_fc: 64 -> 256
     assert stats.sq_norms[down.module].shape == (256,)  # c_proj: 256 -> 64
 
@@ -86,8 +86,8 @@ def test_nm_structure_is_exact(arch, structure):
     n, m = (int(x) for x in structure.split(":"))
     lm = tiny_model(arch)
     Pruner(lm).prune(recipe("all=0.5", structure=structure), ids=random_ids())
-    for _, _, targets in lm.roles.items():
-        weight = targets[0].weight(lm.model)
+    for _, _, target in lm.roles.items():
+        weight = target.weight(lm.model)
         groups = (weight == 0).reshape(weight.shape[0], -1, m).sum(dim=2)
         assert (groups == n).all()
 
@@ -150,7 +150,7 @@ def test_report_counts():
     lm = tiny_model("llama")
     result = Pruner(lm).prune(recipe("all=0.5"), ids=random_ids())
     report = result.report
-    assert report.pruned == sum(int((t[0].weight(lm.model) == 0).sum()) for _, _, t in lm.roles.items())
+    assert report.pruned == sum(int((t.weight(lm.model) == 0).sum()) for _, _, t in lm.roles.items())
     assert report.linear_sparsity == pytest.approx(0.5)
     assert report.total_params == sum(p.numel() for p in lm.model.parameters())
     assert report.total_sparsity == pytest.approx(report.pruned / report.total_params)
@@ -170,7 +170,22 @@ def test_recipe_round_trips_through_json_and_yaml(tmp_path):
         r.save(tmp_path / name)
         assert Recipe.load(tmp_path / name) == r
     assert json.loads(r.to_json())["sparsity"] == {"attn": 0.3, "down": 0.6}
-    assert [r.role_sparsity(x) for x in ROLES] == [0.3, 0.3, 0.3, 0.3, 0.0, 0.0, 0.6]
+    assert [r.sparsity_for(0, x) for x in ROLES] == [0.3, 0.3, 0.3, 0.3, 0.0, 0.0, 0.6]
+    assert r.realised_sparsity(0, "q") == 0.5 and r.realised_sparsity(0, "gate") == 0.0  # 2:4
+
+
+def test_recipes_are_frozen_values():
+    r = Recipe(sparsity=parse_sparsity("all=0.5"), layers=[0, 10])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.method = "magnitude"
+    with pytest.raises(TypeError, match="frozen"):
+        r.sparsity["q"] = 0.9
+    with pytest.raises(TypeError, match="frozen"):
+        r.per_layer.update({1: {"q": 0.1}})
+    changed = dataclasses.replace(r, sparsity={"q": 0.25})
+    assert r.sparsity == {"all": 0.5} and changed.sparsity == {"q": 0.25} and changed.layers == (0, 10)
+    with pytest.raises(RecipeError, match=r"\[0, 1\]"):
+        dataclasses.replace(r, sparsity={"q": 1.5})  # replace validates too
 
 
 def test_a_role_beats_its_group_and_all():
@@ -188,12 +203,19 @@ def test_a_role_beats_its_group_and_all():
         (lambda: parse_sparsity("q=-0.1"), r"\[0, 1\]"),
         (lambda: parse_sparsity("qq=0.5"), "unknown role 'qq'"),
         (lambda: parse_sparsity("q0.5"), "role=fraction"),
-        (lambda: Recipe(structure="4:4").validate(), "0 < N < M"),
-        (lambda: Recipe(structure="5:4").validate(), "0 < N < M"),
-        (lambda: Recipe(structure="two:four").validate(), "N:M"),
-        (lambda: Recipe(method="sparsegpt").validate(), "unknown method"),
-        (lambda: Recipe(layers=[5, 2]).validate(), "layers"),
+        (lambda: Recipe(structure="4:4"), "0 < N < M"),
+        (lambda: Recipe(structure="5:4"), "0 < N < M"),
+        (lambda: Recipe(structure="two:four"), "N:M"),
+        (lambda: Recipe(method="sparsegpt"), "unknown method"),
+        (lambda: Recipe(layers=[5, 2]), "layers"),
+        (lambda: Recipe(method="magnitude", use_variant=True), "use_variant"),
         (lambda: Recipe.from_dict({"modle": "x"}), "unknown recipe fields: modle"),
+        (lambda: Recipe.from_dict({"sparsity": {"q": 2}}), r"\[0, 1\]"),
+        (lambda: Recipe.from_dict({"calibration": {"nsamples": 0}}), "nsamples"),
+        (lambda: Recipe.from_dict({"calibration": {"nsamples": "many"}}), "nsamples"),
+        (lambda: Recipe.from_dict({"evaluation": {"seqlen": 1}}), "seqlen"),
+        (lambda: Recipe.from_dict({"calibration": [1, 2]}), "mapping"),
+        (lambda: Recipe.from_dict({"per_layer": {"x": {"q": 0.1}}}), "layer numbers"),
     ],
 )
 def test_bad_recipes_get_clear_errors(make, message):
@@ -218,3 +240,68 @@ def test_unsupported_architecture_lists_supported():
 def test_unknown_model_id_gets_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="could not load model"):
         load(str(tmp_path / "no-such-model"))
+
+
+def test_a_failure_while_applying_masks_leaves_the_dense_weights_bitwise(monkeypatch):
+    import prune.apply
+
+    lm = tiny_model("llama")
+    pruner = Pruner(lm)
+    dense = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    masks = pruner.prune(recipe("all=0.5", stats_mode="cached"), ids=random_ids()).masks
+    pruner.restore()
+    calls = {"n": 0}
+    real = torch.Tensor.masked_fill_
+
+    def fail_halfway(weight, mask, value):
+        calls["n"] += 1
+        if calls["n"] > len(masks) // 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(weight, mask, value)
+
+    monkeypatch.setattr(torch.Tensor, "masked_fill_", fail_halfway)
+    with pytest.raises(torch.OutOfMemoryError):
+        pruner.apply(masks)
+    monkeypatch.undo()
+    assert calls["n"] > 1 and pruner.masks == {}
+    for name, param in lm.model.named_parameters():
+        assert torch.equal(param, dense[name]), name
+    assert prune.apply  # the module whose apply_masks failed halfway
+
+
+def test_the_method_table_drives_validation_and_masks():
+    from prune.methods import METHODS, method_mask
+
+    assert list(METHODS) == ["wanda", "magnitude", "magnitude-row"]
+    assert METHODS["wanda"].needs_statistics and not METHODS["magnitude"].needs_statistics
+    assert not METHODS["magnitude"].per_row and METHODS["magnitude-row"].per_row
+    for name, spec in METHODS.items():
+        assert Recipe(method=name).method_spec is spec
+    weight = torch.tensor([[1.0, -2.0, 3.0, -4.0]])
+    assert method_mask(METHODS["magnitude-row"], weight, None, 0.5).tolist() == [[True, True, False, False]]
+
+
+def test_lab_switches_states_temporarily_or_by_key():
+    from evaluation.lab import Lab
+
+    lm = tiny_model("llama")
+    lab = Lab(lm)
+    q = lm.roles.targets[(0, "q")]
+    dense_q = q.weight(lm.model).clone()
+    alice = lab.prune(
+        Recipe(model="llama", sparsity={"all": 0.5}, stats_mode="cached"), ids=random_ids(), key="alice"
+    ).masks
+    assert lab.holds("alice") and not lab.holds("bob")
+    with lab.dense() as model:  # temporary: the pruned state comes back after the block
+        assert torch.equal(q.weight(model), dense_q)
+    assert lab.masks is alice and lab.holds("alice")
+    bob = {key: torch.zeros_like(mask) for key, mask in alice.items()}
+    with lab.using(bob, key="bob"):  # a named state stays after the block
+        assert torch.equal(q.weight(lm.model), dense_q)
+    assert lab.holds("bob") and lab.masks is bob
+    with lab.using({}, key="bob"):  # already held: nothing is copied, whatever masks are passed
+        assert lab.masks is bob
+    with pytest.raises(RecipeError, match="lab has 'llama' loaded"):
+        lab.prune(Recipe(model="other", sparsity={"all": 0.5}))
+    lab.restore()
+    assert lab.masks == {} and torch.equal(q.weight(lm.model), dense_q)

@@ -39,7 +39,7 @@ def test_gpu_bf16_cached_reprune_and_bitwise_restore():
     )
     assert first.calibration_passes == 1 and second.calibration_passes == 0
     assert pruner.dense.device.type == "cuda"
-    q = lm.roles.targets[(0, "q")][0].weight(lm.model)
+    q = lm.roles.targets[(0, "q")].weight(lm.model)
     assert ((q == 0).sum(dim=1) == 16).all()
     pruner.restore()
     assert all(torch.equal(p, dense[n]) for n, p in lm.model.named_parameters())

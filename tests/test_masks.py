@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from prune.masks import (
-    mask_for,
     mask_from_ranks,
     matrix_threshold_mask,
     nm_mask,
@@ -13,6 +12,7 @@ from prune.masks import (
     variant_mask,
     wanda_scores,
 )
+from prune.methods import METHODS, method_mask
 
 
 def reference_row_mask(metric: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -127,5 +127,5 @@ def test_wanda_scores_weigh_columns_by_input_norm():
     sq_norm = torch.tensor([9.0, 1.0])  # column norms 3 and 1
     assert torch.equal(wanda_scores(weight, sq_norm), torch.tensor([[3.0, 2.0], [9.0, 0.5]]))
     # the input norm decides: column 1 has the larger weight but the smaller activation
-    assert mask_for("wanda", weight, sq_norm, 0.5)[0].tolist() == [False, True]
-    assert mask_for("magnitude-row", weight, None, 0.5)[0].tolist() == [True, False]
+    assert method_mask(METHODS["wanda"], weight, sq_norm, 0.5)[0].tolist() == [False, True]
+    assert method_mask(METHODS["magnitude-row"], weight, None, 0.5)[0].tolist() == [True, False]

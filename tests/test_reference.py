@@ -60,7 +60,7 @@ def test_sequential_wanda_equals_the_paper_procedure(smollm2):
     lab_pruner = Pruner(smollm2, batch_size=1)
     spec = CalibrationSpec(source="c4", nsamples=4, seqlen=128, seed=0)
     recipe = Recipe(sparsity=parse_sparsity("all=0.5"), layers=[0, 4], calibration=spec)
-    ids = lab_pruner.calibration_ids(recipe)
+    ids = lab_pruner.calibration_ids(recipe.calibration)
     result = lab_pruner.prune(recipe, ids=ids)
     ours = {
         n: (m.weight == 0).clone()
@@ -91,10 +91,10 @@ def test_wanda_is_far_better_than_magnitude_at_50_percent(smollm2_lab):
         recipe = Recipe(
             sparsity=parse_sparsity("all=0.5"), method=method, stats_mode="cached", calibration=spec
         )
-        lab.pruner.prune(recipe)
-        ppl[method] = lab.perplexity("wikitext2", seqlen=512, max_windows=3).perplexity
-    lab.pruner.restore()
-    dense = lab.dense_perplexity("wikitext2", seqlen=512, max_windows=3).perplexity
+        lab.prune(recipe)
+        ppl[method] = lab.perplexity("wikitext2", seqlen=512, windows=3).perplexity
+    lab.restore()
+    dense = lab.dense_perplexity("wikitext2", seqlen=512, windows=3).perplexity
     assert dense < ppl["wanda"] < 0.5 * ppl["magnitude-row"], (dense, ppl)
     assert ppl["wanda"] < 0.5 * ppl["magnitude"], ppl
 

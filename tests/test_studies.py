@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from evaluation import allocate as al
 from evaluation import studies
+from prune import allocation as pa
 from prune.recipe import CalibrationSpec, Recipe
 
 PARAMS = {"q": 100, "k": 40, "v": 40, "o": 100, "gate": 300, "up": 300, "down": 300}
 CURVATURE = {"q": 1.0, "k": 0.5, "v": 4.0, "o": 2.0, "gate": 1.5, "up": 1.5, "down": 6.0}
 
 
-def quadratic_curves(step: float = 0.02) -> dict[str, al.Curve]:
+def quadratic_curves(step: float = 0.02) -> dict[str, pa.Curve]:
     rates = [round(i * step, 6) for i in range(int(1 / step) + 1)]
     return {r: [(s, a * s * s) for s in rates] for r, a in CURVATURE.items()}
 
@@ -23,7 +25,7 @@ def quadratic_curves(step: float = 0.02) -> dict[str, al.Curve]:
 # ----- the greedy allocator ------------------------------------------------------------------------
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.6])
 def test_greedy_meets_the_budget_exactly_and_matches_the_optimum(target):
-    s = al.greedy_allocation(quadratic_curves(), PARAMS, target, bounds=(0.0, 1.0))
+    s = pa.greedy_allocation(quadratic_curves(), PARAMS, target, bounds=(0.0, 1.0))
     total = sum(PARAMS.values())
     assert sum(PARAMS[r] * s[r] for r in PARAMS) == pytest.approx(target * total, rel=1e-12)
     # min sum a_r s_r^2 subject to sum p_r s_r = B: s_r = B (p_r / a_r) / sum(p^2 / a)
@@ -36,38 +38,61 @@ def test_greedy_meets_the_budget_exactly_and_matches_the_optimum(target):
 def test_greedy_prunes_the_cheaper_of_two_equal_roles_more():
     params = {"a": 1000, "b": 1000}
     curves = {"a": [(0.0, 0.0), (1.0, 1.0)], "b": [(0.0, 0.0), (0.5, 0.0), (1.0, 5.0)]}
-    s = al.greedy_allocation(curves, params, 0.5, bounds=(0.0, 1.0))
+    s = pa.greedy_allocation(curves, params, 0.5, bounds=(0.0, 1.0))
     assert s["b"] == pytest.approx(0.5, abs=1e-9)  # b is free up to 50%, costly after
     assert s["a"] == pytest.approx(0.5, abs=1e-9)
-    s = al.greedy_allocation(curves, params, 0.3, bounds=(0.0, 1.0))
+    s = pa.greedy_allocation(curves, params, 0.3, bounds=(0.0, 1.0))
     assert s["b"] == pytest.approx(0.5, abs=1e-9) and s["a"] == pytest.approx(0.1, abs=1e-9)
 
 
 def test_greedy_respects_bounds():
-    s = al.greedy_allocation(quadratic_curves(), PARAMS, 0.5, bounds=(0.2, 0.7))
+    s = pa.greedy_allocation(quadratic_curves(), PARAMS, 0.5, bounds=(0.2, 0.7))
     assert all(0.2 - 1e-12 <= v <= 0.7 + 1e-12 for v in s.values())
     assert sum(PARAMS[r] * s[r] for r in PARAMS) == pytest.approx(0.5 * sum(PARAMS.values()), rel=1e-12)
     assert s["gate"] == pytest.approx(0.7) and s["up"] == pytest.approx(0.7)  # capped at the bound
     assert s["v"] == pytest.approx(0.2)  # the most costly role stays at the lower bound
     per_role = {r: (0.0, 0.4) if r == "k" else (0.1, 0.9) for r in PARAMS}
-    s = al.greedy_allocation(quadratic_curves(), PARAMS, 0.5, bounds=per_role)
+    s = pa.greedy_allocation(quadratic_curves(), PARAMS, 0.5, bounds=per_role)
     assert s["k"] <= 0.4 + 1e-12 and min(v for r, v in s.items() if r != "k") >= 0.1 - 1e-12
 
 
 def test_greedy_looks_past_a_bump_and_rejects_impossible_budgets():
     params = {"a": 100, "b": 100}
     bumpy = {"a": [(0.0, 0.0), (0.1, 0.5), (0.9, 0.6), (1.0, 9.0)], "b": [(0.0, 0.0), (1.0, 2.0)]}
-    s = al.greedy_allocation(bumpy, params, 0.45, bounds=(0.0, 1.0))
+    s = pa.greedy_allocation(bumpy, params, 0.45, bounds=(0.0, 1.0))
     assert s["a"] == pytest.approx(0.9, abs=1e-9)  # after the bump, a is nearly free up to 90%
-    with pytest.raises(al.AllocationError, match="outside what the bounds allow"):
-        al.greedy_allocation(bumpy, params, 0.95, bounds=(0.0, 0.9))
+    with pytest.raises(pa.AllocationError, match="outside what the bounds allow"):
+        pa.greedy_allocation(bumpy, params, 0.95, bounds=(0.0, 0.9))
 
 
 def test_curves_are_made_monotone_and_interpolated():
-    curve = al._monotone([(0.0, 0.0), (0.1, 0.05), (0.2, 0.01), (0.3, 0.2)])
+    curve = pa._monotone([(0.0, 0.0), (0.1, 0.05), (0.2, 0.01), (0.3, 0.2)])
     assert [c for _, c in curve] == [0.0, 0.05, 0.05, 0.2]
-    assert al.cost_at(curve, 0.25) == pytest.approx(0.125)
-    assert al.cost_at(curve, 2.0) == 0.2
+    assert pa.cost_at(curve, 0.25) == pytest.approx(0.125)
+    assert pa.cost_at(curve, 2.0) == 0.2
+
+
+def test_curves_from_points_and_the_refinement_line():
+    rows = [("a", 0.0, 10.0), ("a", 0.5, 12.0), ("a", 0.3, 12.5), ("b", 0.9, 20.0), ("a", 0.5, 11.0)]
+    points = [SimpleNamespace(series=s, rate=r, perplexity=p, dense_perplexity=10.0) for s, r, p in rows]
+    curves = pa.curves_from_points(points)
+    assert curves["a"] == [
+        (0.0, 0.0),
+        (0.3, math.log(1.25)),
+        (0.5, math.log(1.25)),
+    ]  # last 0.5 kept, monotone
+    assert curves["b"] == [(0.0, 0.0), (0.9, math.log(2.0))]
+    shape = {"a": (64, 128), "b": (32, 128)}
+    plan = pa.greedy_plan(curves, shape, 3, 0.4, bounds=(0.0, 0.9))
+    assert plan.high == 0.5  # curve "a" stops at 50%
+    line = dict(plan.line((0.5, 1.0, 1.5)))
+    assert list(line) == [0.0, 0.5, 1.0]  # alpha 1.5 pushes a role past the bound
+    assert line[0.0] == pa.per_role_allocation({"a": 0.4, "b": 0.4}, shape, 3, plan.count, 0.5)
+    for sparsity in line.values():
+        pruned = sum(3 * shape[r][0] * int(shape[r][1] * s) for r, s in sparsity.items())
+        assert 0 <= plan.count - pruned < 3 * 32
+    with pytest.raises(pa.AllocationError, match="no sensitivity curve for c"):
+        pa.greedy_plan(curves, {**shape, "c": (8, 8)}, 3, 0.4)
 
 
 # ----- OWL -----------------------------------------------------------------------------------------
@@ -76,7 +101,7 @@ RATIOS = [0.010, 0.012, 0.030, 0.008, 0.015, 0.011, 0.009, 0.020]
 
 @pytest.mark.parametrize("target", [0.5, 0.6, 0.7])
 def test_owl_preserves_the_mean_stays_in_band_and_is_monotone(target):
-    s = al.owl_sparsities(RATIOS, target, lam=0.08)
+    s = pa.owl_sparsities(RATIOS, target, lam=0.08)
     assert sum(s) / len(s) == pytest.approx(target, abs=1e-12)
     assert all(target - 0.08 - 1e-12 <= v <= target + 0.08 + 1e-12 for v in s)
     assert max(abs(v - target) for v in s) == pytest.approx(0.08)  # the band is used
@@ -87,22 +112,22 @@ def test_owl_preserves_the_mean_stays_in_band_and_is_monotone(target):
 
 def test_owl_weighted_mean_equal_ratios_and_edges():
     weights = [1, 2, 3, 4, 1, 2, 3, 4]
-    s = al.owl_sparsities(RATIOS, 0.5, 0.08, weights)
+    s = pa.owl_sparsities(RATIOS, 0.5, 0.08, weights)
     assert sum(v * w for v, w in zip(s, weights, strict=True)) / sum(weights) == pytest.approx(0.5, abs=1e-12)
-    assert al.owl_sparsities([0.02] * 4, 0.5) == [0.5] * 4
-    low = al.owl_sparsities(RATIOS, 0.03, 0.08)  # the band shrinks so no layer goes below 0
+    assert pa.owl_sparsities([0.02] * 4, 0.5) == [0.5] * 4
+    low = pa.owl_sparsities(RATIOS, 0.03, 0.08)  # the band shrinks so no layer goes below 0
     assert min(low) >= 0.0 and sum(low) / len(low) == pytest.approx(0.03)
 
 
 # ----- quantization --------------------------------------------------------------------------------
 def test_quantize_hits_the_count_with_whole_weights_per_row():
     cells = [
-        al.Cell(("q",), 576, 576, 30, 0.37),
-        al.Cell(("k",), 192, 576, 30, 0.81),
-        al.Cell(("down",), 576, 1536, 30, 0.55),
+        pa.Cell(("q",), 576, 576, 30, 0.37),
+        pa.Cell(("k",), 192, 576, 30, 0.81),
+        pa.Cell(("down",), 576, 1536, 30, 0.55),
     ]
     count = 30 * (576 * 200 + 192 * 470 + 576 * 850)
-    s = al.quantize(cells, count)
+    s = pa.quantize(cells, count)
     pruned = sum(c.rows * c.copies * int(c.cols * s[c.key]) for c in cells)
     assert 0 <= count - pruned < 192 * 30
     assert all(abs(c.cols * s[c.key] - round(c.cols * s[c.key])) < 1e-5 for c in cells)
@@ -134,7 +159,7 @@ def lab(smollm2, tmp_path_factory):
         mp.setattr("prune.pruner.cache_dir", lambda *parts: folder)
         lab = Lab(smollm2)
         yield lab
-        lab.pruner.restore()
+        lab.restore()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +181,7 @@ def test_one_calibration_pass_for_the_whole_study(small_study, lab):
     sources = [p.stats_source for p in result.points if p.rate > 0]
     assert sources == ["cached: computed", "cached: memory", "cached: memory", "cached: memory"]
     assert all(p.recipe["stats_mode"] == "cached" for p in result.points)
-    assert lab.pruner.masks == {}  # the model is dense again
+    assert lab.masks == {}  # the model is dense again
 
 
 @pytest.mark.model
@@ -165,7 +190,7 @@ def test_pruned_counts_are_role_params_times_rate(small_study, smollm2):
     roles = smollm2.roles
     params = roles.param_counts(smollm2.model)
     for p in result.points:
-        rows, cols = roles.targets[(0, p.series)][0].weight(smollm2.model).shape
+        rows, cols = roles.targets[(0, p.series)].weight(smollm2.model).shape
         assert p.pruned == roles.num_layers * rows * int(cols * p.rate)
         assert abs(p.pruned - params[p.series] * p.rate) < roles.num_layers * rows
         assert p.linear_sparsity == pytest.approx(p.pruned / p.linear_params)
@@ -226,8 +251,8 @@ def test_owl_and_allocator_on_the_real_model(small_study, lab):
     ratios = al.outlier_ratios(lab, CAL)  # statistics from memory: no new pass
     assert len(ratios) == 30 and all(0.0 < r < 0.1 for r in ratios)
     shape = al.shapes(lab)
-    count = al.uniform_count(shape, 30, 0.6)
-    owl = al.owl_allocation(lab, 0.6, ratios)
+    count = pa.uniform_count(shape, 30, 0.6)
+    owl = pa.owl_allocation(shape, 0.6, ratios)
     layer_s = [sum(owl.per_layer[i][r] * shape[r][0] * shape[r][1] for r in shape) for i in range(30)]
     layer_s = [s / sum(a * b for a, b in shape.values()) for s in layer_s]
     assert min(layer_s) >= 0.6 - 0.08 - 1e-3 and max(layer_s) <= 0.6 + 0.08 + 1e-3
@@ -250,12 +275,12 @@ def test_owl_and_allocator_on_the_real_model(small_study, lab):
     assert layered.recipe(base).sparsity_for(29, "q") < layered.recipe(base).sparsity_for(
         1, "q"
     )  # OWL offsets
-    assert lab.pruner.calibration_passes == 1
+    assert lab.calibration_passes == 1
 
 
 # ----- the command line ----------------------------------------------------------------------------
 def test_cli_defaults_and_help(capsys):
-    from evaluation.cli_study import parser, study
+    from cli.study import parser, study
 
     args = parser().parse_args(["single"])
     assert (args.windows, args.eval_seqlen, args.nsamples, args.seqlen, args.calibration) == (

@@ -12,7 +12,8 @@ import pytest
 
 import evaluation.tasks as tasks
 from evaluation.lm_eval_tasks import zeroshot
-from prune.recipe import Recipe, RecipeError, parse_sparsity
+from prune.progress import Event
+from prune.recipe import EvalSpec, Recipe, RecipeError, parse_sparsity
 
 # lm-eval's own definition of each task, inside the installed package
 BUILTIN_YAML = {
@@ -164,10 +165,8 @@ def test_all_seven_tasks_on_smollm2(smollm2, data_dir):
     limit = 8
     weight = smollm2.model.model.layers[0].mlp.down_proj.weight
     before = weight.detach().clone()
-    seen: list[tuple[float, str]] = []
-    out = tasks.evaluate_tasks(
-        smollm2.model, smollm2.tokenizer, ["all7"], limit=limit, progress=lambda f, m: seen.append((f, m))
-    )
+    seen: list[Event] = []
+    out = tasks.evaluate_tasks(smollm2.model, smollm2.tokenizer, ["all7"], limit=limit, progress=seen.append)
     assert out["lm_eval"] == lm_eval.__version__
     assert out["source"] == f"offline:{data_dir.resolve()}"
     assert list(out["tasks"]) == tasks.ALL7
@@ -188,10 +187,11 @@ def test_all_seven_tasks_on_smollm2(smollm2, data_dir):
     assert mean["acc_stderr"] > 0
     assert out["task_versions"]["boolq"] == 2.0
     # progress: per task and per batch of requests, monotone, ending at 1
-    fractions = [f for f, _ in seen]
+    fractions = [e.fraction for e in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert all(e.stage == "tasks" for e in seen)
     for name in tasks.ALL7:
-        assert any(m.startswith(f"{name}: ") and "requests" in m for _, m in seen)
+        assert any(e.message.startswith(f"{name}: ") and "requests" in e.message for e in seen)
     assert torch_equal(weight, before)  # evaluation leaves the weights alone
 
 
@@ -214,14 +214,15 @@ def test_recipe_tasks_evaluate_dense_once(smollm2_lab, tmp_path, monkeypatch):
         return real(model, tokenizer, names, *args, **kwargs)
 
     monkeypatch.setattr(tasks, "evaluate_tasks", counting)
-    recipe = Recipe(method="magnitude", sparsity=parse_sparsity("all=0.5"))
-    recipe.evaluation.tasks, recipe.evaluation.limit = ["rte"], 4
-    lab.pruner.prune(recipe)
+    recipe = Recipe(
+        method="magnitude", sparsity=parse_sparsity("all=0.5"), evaluation=EvalSpec(tasks=("rte",), limit=4)
+    )
+    lab.prune(recipe)
     try:
-        masks = lab.pruner.masks
+        masks = lab.masks
         first = tasks.evaluate_recipe_tasks(lab, recipe)
         assert len(calls) == 2 and first["dense"]["origin"] == {"rte": "computed"}
-        assert lab.pruner.masks is masks  # still pruned after the dense pass
+        assert lab.masks is masks  # still pruned after the dense pass
         zeros = (lab.loaded.model.model.layers[3].mlp.up_proj.weight == 0).float().mean().item()
         assert zeros == pytest.approx(0.5, abs=0.01)
 
@@ -243,8 +244,8 @@ def test_recipe_tasks_evaluate_dense_once(smollm2_lab, tmp_path, monkeypatch):
         assert row["pruned"] == first["pruned"]["tasks"]["rte"]["acc"]
         assert math.isclose(row["delta"], row["pruned"] - row["dense"]) and row["n"] == 4
 
-        lab.pruner.restore()  # the cached dense numbers are those of the dense model
+        lab.restore()  # the cached dense numbers are those of the dense model
         dense_now = real(lab.loaded.model, lab.loaded.tokenizer, ["rte"], limit=4)
         assert dense_now["tasks"]["rte"] == first["dense"]["tasks"]["rte"]
     finally:
-        lab.pruner.restore()
+        lab.restore()

@@ -1,7 +1,7 @@
 """Side by side: one prompt, the original and the pruned model's answers next to each other.
 
-One model in memory serves both: under the Pruner lock the session's masks are applied, the
-dense weights are swapped in for the original answer (``Pruner.dense_weights``), then the masks
+One model in memory serves both: inside ``Engine.pruned(session)`` (the Lab holds its lock) the
+dense weights are swapped in for the original answer (``Lab.dense``), then the session's masks
 come back for the pruned answer. Same decoding settings and seed for both.
 """
 
@@ -19,9 +19,8 @@ from evaluation.generate import (
     prompt_ids,
     stream,
 )
-from ui.common import HEAVY
+from ui.common import HEAVY, user_errors
 from ui.engine import Engine, Session, run_job
-from ui.errors import user_errors
 from ui.recipes import Defaults, recipe_summary
 
 PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # the box refuses more; the token limit is checked too
@@ -66,15 +65,14 @@ def make_generate(engine: Engine):
             raise gr.Error(
                 "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
             )
-        pruner, tokenizer = lab.pruner, lab.loaded.tokenizer
+        tokenizer = lab.loaded.tokenizer
 
         def work(emit):
-            with pruner.lock:
-                engine.apply_session(session)
-                with pruner.dense_weights() as model:
-                    for text in stream(model, tokenizer, prompt, settings):
+            with engine.pruned(session) as pruned:
+                with lab.dense() as dense:
+                    for text in stream(dense, tokenizer, prompt, settings):
                         emit("dense", text)
-                for text in stream(lab.loaded.model, tokenizer, prompt, settings):
+                for text in stream(pruned, tokenizer, prompt, settings):
                     emit("pruned", text)
 
         note = f"Pruned model: run #{session.runs} of this session ({recipe_summary(session.recipe)})"

@@ -1,22 +1,21 @@
 """Downstream: zero-shot lm-eval tasks on the dense and this session's pruned model.
 
-``evaluation.tasks.evaluate_recipe_tasks`` scores the model as it is in memory, so the job first
-puts the session's masks in place under the Pruner lock. Dense scores are cached by that module.
+``evaluation.tasks.evaluate_recipe_tasks`` scores the model as it is in memory, so the job runs
+inside ``Engine.pruned(session)``: the session's masks are in place for its length. Dense scores
+are cached by that module.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Iterator
 
 import gradio as gr
 
 from evaluation.tasks import ALL7, estimate_seconds, evaluate_recipe_tasks
 from ui import plots
-from ui.common import HEAVY, LIGHT, PROGRESS
+from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, user_errors
 from ui.engine import Engine, Session, run_job
-from ui.errors import user_errors
-from ui.lab_tab import figure_box
 from ui.recipes import Defaults
 
 HEADERS = ["task", "metric", "dense", "pruned", "delta", "n"]
@@ -90,19 +89,18 @@ def make_handlers(engine: Engine):
                 "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
             )
         lab = engine.require()
-        recipe = copy.deepcopy(session.recipe)
-        recipe.evaluation.tasks = list(tasks)
-        recipe.evaluation.limit = _limit(limit)
+        recipe = session.recipe
+        evaluation = dataclasses.replace(recipe.evaluation, tasks=tuple(tasks), limit=_limit(limit))
+        recipe = dataclasses.replace(recipe, evaluation=evaluation)
 
         def work(emit):
-            with lab.pruner.lock:
-                engine.apply_session(session)
-                return evaluate_recipe_tasks(lab, recipe, dense, lambda f, m: emit("progress", (f, m)))
+            with engine.pruned(session):
+                return evaluate_recipe_tasks(lab, recipe, dense, lambda event: emit("progress", event))
 
         yield [gr.skip(), gr.skip(), "Waiting for the model ...", gr.skip()]
         for kind, payload in run_job(work):
             if kind == "progress":
-                progress(payload[0], desc=payload[1])
+                progress(payload.fraction, desc=payload.message)
         result = payload
         scope = "all documents" if result["limit"] is None else f"the first {result['limit']} documents"
         status = (

@@ -1,34 +1,39 @@
 """The one model the app serves, each browser session's own pruned state, and background jobs.
 
-Isolation: the model in memory is shared, so every heavy job takes the Pruner's lock and first
-puts the model into the state of the session that asked (dense, or that session's masks) before
-it reads a single weight. Sessions keep their masks bit-packed on the CPU (1 bit per weight).
+Isolation: the model in memory is shared, so every heavy job goes through the ``Lab``, which holds
+its lock and puts the model into the state of the session that asked (``lab.run`` for a new run,
+``Engine.pruned(session)`` for that session's masks, ``lab.dense()``) before it reads a weight.
+Sessions keep their masks bit-packed on the CPU (1 bit per weight).
 """
 
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import queue
 import socket
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from evaluation.lab import Lab
+from evaluation.lab import Lab, RunResult
 from prune.apply import Masks
-from prune.models import DEFAULT_MODEL, OFFLINE_MODELS, ModelLoadError, load
+from prune.errors import Cancelled, LabError
+from prune.models import OFFLINE_MODELS, ModelLoadError
+from prune.progress import Progress, silent
 from prune.recipe import Recipe
 from ui.recipes import ModelShape
 
-log = logging.getLogger("pruning-lab")
+EXPORT_ROOT = Path(tempfile.gettempdir()) / "pruning-lab-exports"  # every session's files, below
 
 OFFLINE_CHOICES = [
     ("SmolLM2-135M-Instruct (offline)", "smollm2-135m-instruct"),
@@ -110,11 +115,16 @@ class Session:
         return Session()
 
     def owner(self) -> tuple[str, int]:
+        """Names the session's current masks: a new run makes new ones."""
         return (self.uid, self.runs)
 
+    def folder(self, what: str) -> Path:
+        """Where this session's exports and studies of kind ``what`` go."""
+        return EXPORT_ROOT / f"session-{self.uid}" / what
 
-class StaleSession(RuntimeError):
-    """The session's masks were made for a model that is no longer loaded."""
+
+class StaleSession(LabError):
+    """The session has no masks for the model that is loaded now."""
 
 
 class Engine:
@@ -127,18 +137,17 @@ class Engine:
         self.token = 0  # bumped by every successful load
         self.offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         self.tokens_per_s: float | None = None  # last measured forward throughput (for time estimates)
-        self._applied: tuple[tuple[str, int], Masks] | None = None  # (session owner, pruner.masks it set)
         self._load_lock = threading.Lock()
 
     # ----- the model ------------------------------------------------------------------------------
-    def load(self, name: str, progress: Callable[[str], None] = lambda m: None) -> Lab:
+    def load(self, name: str, progress: Progress = silent) -> Lab:
         """Load ``name``; the old model keeps serving until the new one has loaded."""
         name = (name or "").strip()
         if not name:
             raise ModelLoadError("no model given: pick one from the list or type a hub id or local folder")
         with self._load_lock:
             try:
-                loaded = load(name, dtype=self.dtype, device=self.device, progress=progress)
+                lab = Lab.open(Recipe(model=name, dtype=self.dtype, device=self.device), progress)
             except ModelLoadError as err:
                 if self.offline and name not in OFFLINE_MODELS and not Path(name).expanduser().is_dir():
                     raise ModelLoadError(
@@ -146,12 +155,10 @@ class Engine:
                         f"({', '.join(OFFLINE_MODELS)}) and local folders load here."
                     ) from None
                 raise
-            old, self.lab = self.lab, Lab(loaded)
+            old, self.lab = self.lab, lab
             if old is not None:
-                with old.pruner.lock:  # a job still running on the old model finishes first
-                    old.pruner.restore()
+                old.restore()  # waits for a job still running on the old model
             self.token += 1
-            self._applied = None
             self.tokens_per_s = None
             del old
             gc.collect()
@@ -176,27 +183,14 @@ class Engine:
         )
 
     def info(self) -> dict:
-        """``Lab.model_info`` plus the memory the app needs for this model."""
+        """``Lab.model_info`` plus per-layer role counts and the memory the model takes."""
         lab = self.require()
-        info = lab.model_info()
         lm = lab.loaded
-        element = torch.finfo(lm.dtype).bits // 8
-        linear = sum(info["role_parameters"].values())
-        info["layer_role_parameters"] = lm.roles.layer_param_counts(lm.model)
-        info["memory"] = {
-            "weights_bytes": info["parameters"] * element,
-            "dense_copy_bytes": linear * element,  # CPU copy that makes pruning reversible
-            "session_masks_bytes": (linear + 7) // 8,
-            "dense_copy_on": self._dense_copy_device(),
+        return {
+            **lab.model_info(),
+            "layer_role_parameters": lm.roles.layer_param_counts(lm.model),
+            "memory": lab.memory(),
         }
-        return info
-
-    def _dense_copy_device(self) -> str:
-        """Where the Pruner keeps (or will keep) the dense copy: the GPU when it has room, else the CPU."""
-        dense = self.require().pruner.dense
-        if dense is not None:
-            return str(getattr(dense, "device", "cpu"))
-        return "CPU" if self.lab.loaded.device.type == "cpu" else "on the GPU if it has room, else CPU"
 
     # ----- sessions -------------------------------------------------------------------------------
     def check_session(self, session: Session) -> None:
@@ -207,41 +201,39 @@ class Engine:
                 "Press 'Prune & evaluate' again."
             )
 
-    def remember(self, session: Session, recipe: Recipe, masks: Masks) -> None:
-        """Called under the lock right after a run pruned the model for ``session``."""
+    def run(self, session: Session, recipe: Recipe, progress: Progress) -> RunResult:
+        """Prune and evaluate for ``session`` and keep its masks (1 bit per weight) for its later
+        jobs; the model stays in this session's state, so its next job copies nothing."""
+        lab = self.require()
+        result = lab.run(recipe, progress, key=(session.uid, session.runs + 1))
         session.runs += 1
         session.recipe = recipe
-        session.masks = PackedMasks.pack(masks)
+        session.masks = PackedMasks.pack(result.prune.masks)
         session.model_token = self.token
-        self._applied = (session.owner(), self.require().pruner.masks)
+        return result
 
-    def apply_session(self, session: Session) -> None:
-        """Put the model into ``session``'s pruned state (call with the Pruner lock held)."""
+    @contextmanager
+    def pruned(self, session: Session) -> Iterator[nn.Module]:
+        """The model in ``session``'s pruned state for the length of the block (the Lab holds its lock)."""
         self.check_session(session)
         if session.masks is None:
             raise StaleSession("nothing pruned in this session yet: press 'Prune & evaluate' first")
-        pruner = self.require().pruner
-        if self._applied and self._applied[0] == session.owner() and self._applied[1] is pruner.masks:
-            return  # the model already holds this session's masks (identity: nothing changed since)
-        pruner.apply({k: m.to(self.lab.loaded.device) for k, m in session.masks.unpack().items()})
-        self._applied = (session.owner(), pruner.masks)
+        lab = self.require()
+        key = session.owner()
+        masks = (
+            lab.masks
+            if lab.holds(key)
+            else {k: m.to(lab.loaded.device) for k, m in session.masks.unpack().items()}
+        )
+        with lab.using(masks, key=key) as model:
+            yield model
 
     def note_throughput(self, tokens_per_s: float) -> None:
         if tokens_per_s > 0:
             self.tokens_per_s = tokens_per_s
 
 
-def default_engine(device: str, model: str = DEFAULT_MODEL) -> Engine:
-    engine = Engine(device=device)
-    engine.load(model, progress=lambda m: log.info(m))
-    return engine
-
-
 # ----- background jobs ----------------------------------------------------------------------------
-class JobCancelled(RuntimeError):
-    """The page that started a job went away; the job stops at its next progress report."""
-
-
 Emit = Callable[[str, Any], None]
 
 
@@ -255,7 +247,7 @@ def run_job(work: Callable[[Emit], Any]) -> Iterator[tuple[str, Any]]:
 
     def emit(kind: str, payload: Any) -> None:
         if cancelled.is_set():
-            raise JobCancelled("the page that started this job is gone")
+            raise Cancelled("the page that started this job is gone")  # stops the job at its next report
         events.put((kind, payload))
 
     def target() -> None:

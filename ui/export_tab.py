@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +12,13 @@ from pathlib import Path
 import gradio as gr
 
 from evaluation.lab import versions
-from ui.common import HEAVY, LIGHT, PROGRESS
+from ui.common import HEAVY, LIGHT, PROGRESS, user_errors
 from ui.engine import Engine, Session, run_job
-from ui.errors import user_errors
-
-EXPORT_ROOT = Path(tempfile.gettempdir()) / "pruning-lab-exports"
 
 
 def _folder(session: Session, what: str) -> Path:
     """A fresh folder per session and kind; the previous export of the same kind is removed."""
-    folder = EXPORT_ROOT / f"session-{session.uid}" / what
+    folder = session.folder(what)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
@@ -76,10 +72,9 @@ def make_handlers(engine: Engine):
         target = folder / name
 
         def work(emit):
-            with lab.pruner.lock:
-                engine.apply_session(session)
+            with engine.pruned(session) as model:
                 emit("progress", (0.2, "writing safetensors"))
-                lab.loaded.model.save_pretrained(target, safe_serialization=True)
+                model.save_pretrained(target, safe_serialization=True)
                 lab.loaded.tokenizer.save_pretrained(target)
             session.recipe.save(target / "recipe.json")
             summary = {"versions": versions(), **(session.last or {})}

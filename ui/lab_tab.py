@@ -1,27 +1,25 @@
 """The main tab: pick a model, set per-role sliders, prune and evaluate, compare runs.
 
-Handlers build a ``Recipe`` from the widgets (``ui.recipes``) and hand it to ``Lab.run``; the run
-happens in a job thread that holds the Pruner lock, and window-by-window perplexity is streamed
-back through generator yields.
+Handlers build a ``Recipe`` from the widgets (``ui.recipes``) and hand it to ``Lab.run`` in a job
+thread; the Lab's progress events stream back through generator yields, and the perplexity
+windows among them fill the table as they arrive.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import gradio as gr
 
 from evaluation.lab import RunResult
+from evaluation.perplexity import dataset_label
 from prune.paths import data_dir
+from prune.progress import Event
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 from ui import plots
-from ui.common import HEAVY, LIGHT, PROGRESS
+from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, user_errors
 from ui.engine import MODEL_CHOICES, Engine, Session, run_job
-from ui.errors import user_errors
 from ui.recipes import (
     CALIBRATION_CHOICES,
     EVAL_CHOICES,
@@ -37,9 +35,6 @@ from ui.recipes import (
     recipe_summary,
 )
 
-WINDOW = re.compile(
-    r"^(?P<ds>.+) (?P<which>dense|pruned): window (?P<done>\d+)/(?P<total>\d+), perplexity (?P<ppl>\S+)$"
-)
 TEXT_FILES = [".txt", ".jsonl", ".json", ".parquet"]
 PPL_HEADERS = ["dataset", "dense", "pruned", "pruned / dense", "windows x tokens"]
 HISTORY_WIDTHS = ["6%", "38%", "9%", "10%", "20%", "9%", "8%"]
@@ -61,19 +56,6 @@ ROLE_INFO = {
     "up": "MLP up",
     "down": "MLP down",
 }
-
-
-@dataclass
-class LabTab:
-    """The widgets other tabs use (the Allocate button fills the role sliders)."""
-
-    session: gr.State
-    model_md: gr.Markdown
-    sliders: dict[str, gr.Slider]
-    controls: dict[str, gr.components.Component]
-    readout_md: gr.Markdown
-    refresh_outputs: list
-    readout_event: dict  # the readout's event wiring, for widgets on other tabs that move sliders
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -119,19 +101,15 @@ def refresh(engine: Engine) -> list:
 
 
 # ----- results -------------------------------------------------------------------------------------
-def _label(dataset: str) -> str:
-    return dataset if dataset in ("wikitext2", "c4") else Path(dataset).name
-
-
 def ppl_rows(live: dict[str, dict]) -> list[list]:
-    """The perplexity table while windows arrive and at the end."""
+    """The perplexity table while windows arrive and at the end (``live``: dataset label -> cell)."""
     rows = []
-    for dataset, cell in live.items():
+    for label, cell in live.items():
         dense, pruned = cell.get("dense"), cell.get("pruned")
         ratio = f"{pruned / dense:.2f}x" if dense and pruned else ""
         rows.append(
             [
-                _label(dataset),
+                label,
                 _fmt(dense, cell.get("dense_at")),
                 _fmt(pruned, cell.get("pruned_at")),
                 ratio,
@@ -203,7 +181,7 @@ def history_rows(history: list[dict]) -> list[list]:
     rows = []
     for run in history:
         ppl = "; ".join(
-            f"{_label(ds)} {p.get('dense', 0):.1f} -> {p['pruned']:.1f}"
+            f"{dataset_label(ds)} {p.get('dense', 0):.1f} -> {p['pruned']:.1f}"
             for ds, p in run["perplexity"].items()
         )
         rows.append(
@@ -230,10 +208,10 @@ def make_handlers(engine: Engine):
         skip = [gr.skip()] * (len(ROLES) + 5)
         yield [f"Loading **{name}** ..."] + skip
         try:
-            for kind, payload in run_job(lambda emit: engine.load(name, lambda m: emit("message", m))):
-                if kind == "message":
-                    progress(0.5, desc=payload)
-                    yield [f"Loading **{name}**: {payload}"] + skip
+            for kind, payload in run_job(lambda emit: engine.load(name, lambda e: emit("progress", e))):
+                if kind == "progress":
+                    progress(0.5, desc=payload.message)
+                    yield [f"Loading **{name}**: {payload.message}"] + skip
         except Exception:
             yield refresh(engine)  # the previous model still serves: show it again, then the message
             raise
@@ -271,33 +249,32 @@ def make_handlers(engine: Engine):
             gr.Warning(
                 f"The lab's model is now {recipe.model}; earlier runs of this session were on another model."
             )
-        live: dict[str, dict] = {ds: {} for ds in recipe.evaluation.datasets}
+        live: dict[str, dict] = {dataset_label(ds): {} for ds in recipe.evaluation.datasets}
         skip = [gr.skip()] * 5
 
         def work(emit):
-            with lab.pruner.lock:
-                result = lab.run(recipe, lambda f, m: emit("progress", (f, m)))
-                engine.remember(session, recipe, result.prune.masks)
-                return result, lab.pruner.calibration_passes
+            result = engine.run(session, recipe, lambda event: emit("progress", event))
+            return result, lab.calibration_passes  # heavy jobs queue one at a time: nothing ran between
 
         yield ["Waiting for the model ...", ppl_rows(live)] + skip
         for kind, payload in run_job(work):
             if kind == "progress":
-                fraction, message = payload
-                progress(fraction, desc=message)
-                match = WINDOW.match(message)
-                if match:
-                    cell = live.setdefault(match["ds"], {})
-                    cell[match["which"]] = float(match["ppl"])
-                    cell[f"{match['which']}_at"] = f"{match['done']}/{match['total']}"
-                    yield [f"Evaluating: {message}", ppl_rows(live)] + skip
-                elif fraction <= 0.5:
-                    yield [f"Pruning: {message}", gr.skip()] + skip
+                event: Event = payload
+                progress(event.fraction, desc=event.message)
+                if event.stage == "perplexity" and event.value is not None:
+                    cell = live.setdefault(event.dataset, {})
+                    cell[event.which] = event.value
+                    cell[f"{event.which}_at"] = f"{event.step}/{event.steps}"
+                    yield [f"Evaluating: {event.message}", ppl_rows(live)] + skip
+                elif event.fraction <= 0.5:
+                    yield [f"Pruning: {event.message}", gr.skip()] + skip
         result, lab_passes = payload
         summary = run_summary(result, session, lab_passes)
         for ds, pair in result.perplexity.items():
-            live[ds] = {which: r.perplexity for which, r in pair.items()}
-            live[ds]["size"] = f"{pair['pruned'].windows} x {pair['pruned'].seqlen}"
+            live[dataset_label(ds)] = {
+                **{which: r.perplexity for which, r in pair.items()},
+                "size": f"{pair['pruned'].windows} x {pair['pruned'].seqlen}",
+            }
             engine.note_throughput(pair["pruned"].tokens_per_s)
         session.last = summary
         session.history.append(summary)
@@ -312,23 +289,14 @@ def make_handlers(engine: Engine):
         ]
 
     @user_errors
-    def show_history(session: Session) -> list:
-        return [history_rows(session.history), plots.render(plots.history_plot, session.history)]
-
-    @user_errors
     def clear_history(session: Session) -> list:
         session.history.clear()
         return [history_rows(session.history), plots.render(plots.history_plot, session.history)]
 
-    return load_model, live_readout, apply_preset, prune_and_evaluate, show_history, clear_history
+    return load_model, live_readout, apply_preset, prune_and_evaluate, clear_history
 
 
 # ----- layout --------------------------------------------------------------------------------------
-def figure_box(label: str) -> gr.Image:
-    """A rendered figure; its title is inside the image, so no label badge covers it."""
-    return gr.Image(label=label, show_label=False, type="pil", format="png", interactive=False)
-
-
 def _slider(
     label: str, value: float, visible: bool = True, info: str | None = None, step: float = 1
 ) -> gr.Slider:
@@ -339,9 +307,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     """Lay out the Prune tab and wire its events."""
     shape = engine.shape()
     session = gr.State(Session())
-    load_model, live_readout, apply_preset, prune_and_evaluate, show_history, clear_history = make_handlers(
-        engine
-    )
+    load_model, live_readout, apply_preset, prune_and_evaluate, clear_history = make_handlers(engine)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             gr.Markdown("## 1 · Model")
@@ -513,8 +479,3 @@ def data_line(engine: Engine) -> str:
     data = f"offline data folder `{folder}`" if folder else "datasets from the Hugging Face Hub"
     hub = "hub unreachable: offline models and local folders only" if engine.offline else "hub reachable"
     return f"Data: {data} · {hub}"
-
-
-def no_api(event: dict) -> dict:
-    """The same event wiring without a second API endpoint."""
-    return {**event, "api_name": False}

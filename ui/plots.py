@@ -143,28 +143,3 @@ def task_bars(rows: list[dict]) -> Figure:
     ax.legend(fontsize=10)
     ax.set_title("Zero-shot accuracy")
     return fig
-
-
-def line_plot(
-    series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str, log_y: bool = True
-) -> Figure:
-    """A generic plot of named (x, y) series, for the sensitivity studies as they fill in."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for color, (name, points) in zip(itertools_cycle(SERIES), series.items(), strict=False):
-        points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if log_y and any(p[1] > 0 for pts in series.values() for p in pts):
-        ax.set_yscale("log")
-    if series:
-        ax.legend(fontsize=9, ncol=2)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def itertools_cycle(values: list[str]):
-    while True:
-        yield from values

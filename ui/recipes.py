@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from prune.recipe import CalibrationSpec, EvalSpec, Recipe, RecipeError, parse_nm
-from prune.report import planned_pruned_weights
+from prune.errors import RecipeError
+from prune.methods import METHODS
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe, parse_nm
+from prune.report import planned_counts
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 
-METHOD_CHOICES = [
-    ("Wanda (|W| x input norm, per output row)", "wanda"),
-    ("Magnitude (one threshold per matrix)", "magnitude"),
-    ("Magnitude per output row", "magnitude-row"),
-]
+METHOD_CHOICES = [(m.label, m.name) for m in METHODS.values()]
 STRUCTURES = ["unstructured", "2:4", "4:8"]
 CALIBRATION_CHOICES = ["c4", "wikitext2", "generated", "uploaded file"]
 EVAL_CHOICES = ["wikitext2", "c4", "uploaded file"]
@@ -126,13 +124,13 @@ def _whole(name: str, value, low: int) -> int:
     return number
 
 
-def layer_range(controls: Controls, num_layers: int) -> list[int] | None:
+def layer_range(controls: Controls, num_layers: int) -> tuple[int, int] | None:
     """[start, end) of the pruned layers, or None when every layer is pruned."""
     first = _whole("first layer", controls.layer_first, 0)
     last = num_layers - 1 if int(float(controls.layer_last)) < 0 else int(float(controls.layer_last))
     if last >= num_layers or first > last:
         raise RecipeError(f"layer range {first}..{last} is not inside 0..{num_layers - 1} (first <= last)")
-    return None if (first, last) == (0, num_layers - 1) else [first, last + 1]
+    return None if (first, last) == (0, num_layers - 1) else (first, last + 1)
 
 
 def calibration_spec(controls: Controls) -> CalibrationSpec:
@@ -163,18 +161,18 @@ def _evaluation(controls: Controls) -> EvalSpec:
             raise RecipeError(f"unknown evaluation dataset {name!r}; choose from {', '.join(EVAL_CHOICES)}")
     windows = _whole("evaluation windows", controls.eval_windows, 0)
     return EvalSpec(
-        datasets=datasets,
+        datasets=tuple(datasets),
         seqlen=_whole("evaluation sequence length", controls.eval_seqlen, 2),
         max_windows=windows or None,
     )
 
 
 def build_recipe(controls: Controls, shape: ModelShape) -> Recipe:
-    """The recipe these widget values describe, for the model that is loaded now."""
+    """The recipe these widget values describe, for the model that is loaded now (it validates itself)."""
     sparsity = {role: _percent(role, getattr(controls, role)) for role in shape.roles}
     if controls.structure not in STRUCTURES:
         parse_nm(controls.structure)  # a custom N:M is fine; anything else raises a RecipeError
-    recipe = Recipe(
+    return Recipe(
         model=shape.name,
         dtype=shape.dtype,
         device=shape.device,
@@ -186,37 +184,6 @@ def build_recipe(controls: Controls, shape: ModelShape) -> Recipe:
         calibration=calibration_spec(controls),
         evaluation=_evaluation(controls),
     )
-    return recipe.validate()
-
-
-def effective_sparsity(recipe: Recipe):
-    """requested(layer, role) as the masks will realise it: N:M prunes N/M of every role it touches."""
-    nm = recipe.nm
-
-    def requested(layer: int, role: str) -> float:
-        value = recipe.sparsity_for(layer, role)
-        return nm[0] / nm[1] if nm and value > 0 else value
-
-    return requested
-
-
-def planned(recipe: Recipe, shape: ModelShape) -> dict[str, int]:
-    """Weights the recipe will prune: all, attention, MLP, and the totals they are counted against."""
-    requested = effective_sparsity(recipe)
-    counts = shape.layer_counts
-
-    def pruned(group: tuple[str, ...]) -> int:
-        table = {r: counts[r] for r in group if r in counts}
-        return planned_pruned_weights(table, shape.num_layers, requested)
-
-    return {
-        "pruned": pruned(ROLES),
-        "attention": pruned(ATTENTION_ROLES),
-        "mlp": pruned(MLP_ROLES),
-        "linear": shape.group_params(ROLES),
-        "attention_params": shape.group_params(ATTENTION_ROLES),
-        "mlp_params": shape.group_params(MLP_ROLES),
-    }
 
 
 def millions(n: int) -> str:
@@ -225,7 +192,7 @@ def millions(n: int) -> str:
 
 def readout(recipe: Recipe, shape: ModelShape, total_params: int) -> str:
     """The markdown readout under the sliders: what pressing the button will remove."""
-    p = planned(recipe, shape)
+    p = planned_counts(recipe, shape.layer_counts, shape.num_layers)
 
     def share(part: int, whole: int) -> str:
         return f"{100 * part / whole:.1f} %" if whole else "-"

@@ -1,7 +1,7 @@
 """Sensitivity: run a study (``evaluation.studies``) with its plots filling in point by point.
 
-A study prunes many recipes on the shared model, so it holds the Pruner lock from start to end;
-the model is dense again afterwards and every session's next job re-applies its own masks.
+A study prunes many recipes on the shared model through ``Lab.measure``; the model is dense again
+afterwards and every session's next job re-applies its own masks.
 """
 
 from __future__ import annotations
@@ -11,22 +11,20 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 from evaluation import plots as study_plots
 from evaluation import studies
-from evaluation.allocate import SELECT_WINDOWS, allocate, held_out_text
+from evaluation.allocate import allocate_from_study
 from evaluation.tasks import ALL7
-from prune.recipe import EvalSpec, Recipe, RecipeError
+from prune.errors import RecipeError
 from prune.roles import ROLES
 from ui import plots
-from ui.common import HEAVY, PROGRESS
+from ui.common import HEAVY, PROGRESS, LabTab, figure_box, no_api, user_errors
 from ui.engine import Engine, Session, run_job
-from ui.errors import user_errors
-from ui.export_tab import EXPORT_ROOT
-from ui.lab_tab import LabTab, figure_box, no_api
 from ui.recipes import Controls, Defaults, calibration_spec
 
 KIND_CHOICES = [
@@ -97,7 +95,7 @@ def figures(result: studies.StudyResult) -> list:
 def study_folder(session: Session, settings: dict) -> Path:
     """One folder per session and settings: the same settings resume, others start afresh."""
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return EXPORT_ROOT / f"session-{session.uid}" / f"study-{settings['kind']}-{digest}"
+    return session.folder(f"study-{settings['kind']}-{digest}")
 
 
 def make_handlers(engine: Engine):
@@ -140,20 +138,19 @@ def make_handlers(engine: Engine):
             def on_point(point, result):
                 emit("point", dataclasses.replace(result, points=list(result.points)))
 
-            with lab.pruner.lock:
-                return studies.run_study(
-                    lab,
-                    out_dir=folder,
-                    progress=lambda f, m: emit("progress", (f, m)),
-                    on_point=on_point,
-                    plots=False,  # drawn below, under the plotting lock
-                    **options,
-                )
+            return studies.run_study(
+                lab,
+                out_dir=folder,
+                progress=lambda event: emit("progress", event),
+                on_point=on_point,
+                plots=False,  # drawn below, under the plotting lock
+                **options,
+            )
 
         yield [gr.skip(), gr.skip(), gr.skip(), "Waiting for the model ...", None]
         for kind_, payload in run_job(work):
             if kind_ == "progress":
-                progress(payload[0], desc=payload[1])
+                progress(payload.fraction, desc=payload.message)
             elif kind_ == "point":
                 yield [
                     *figures(payload),
@@ -183,43 +180,15 @@ def make_handlers(engine: Engine):
                 "Run a single study first (all roles): its curves tell the allocator which roles are "
                 "cheap to prune."
             )
-        if study.model.get("name") != lab.loaded.name:
-            raise gr.Error(
-                f"Your single study was measured on {study.model.get('name')}; run it again on this model."
-            )
-        fraction = float(target) / 100
-        if not 0 < fraction < 1:
-            raise gr.Error("the target must be between 0 and 100 %")
-        folder = EXPORT_ROOT / f"session-{session.uid}" / "allocate"
+        folder = session.folder("allocate")
 
         def work(emit):
-            with lab.pruner.lock:
-                if not refine:
-                    return allocate(lab, fraction, study, log=lambda m: emit("log", m))
-                held_out = held_out_text(folder)
-                seqlen = study.settings.eval_seqlen
+            return allocate_from_study(
+                lab, study, float(target) / 100, refine=refine, folder=folder, log=partial(emit, "log")
+            )
 
-                def evaluate(recipe: Recipe) -> float:
-                    lab.pruner.prune(recipe)
-                    return lab.perplexity(held_out, seqlen, SELECT_WINDOWS).perplexity
-
-                base = Recipe(
-                    model=lab.loaded.name,
-                    stats_mode="cached",
-                    calibration=study.settings.calibration,
-                    evaluation=EvalSpec([held_out], seqlen, SELECT_WINDOWS),
-                )
-                try:
-                    return allocate(
-                        lab, fraction, study, refine=evaluate, base=base, log=lambda m: emit("log", m)
-                    )
-                finally:
-                    lab.pruner.restore()
-
-        log: list[str] = []
         for kind, payload in run_job(work):
             if kind == "log":
-                log.append(payload)
                 progress(None, desc=payload[:120])
         allocation = payload
         values = [round(100 * allocation.sparsity.get(role, 0.0), 1) for role in ROLES]

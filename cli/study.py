@@ -11,9 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-from evaluation import studies
-from prune.models import DEFAULT_MODEL
-from prune.recipe import CalibrationSpec, RecipeError
+from cli import flags
+from cli.progress import Bar
+from evaluation import allocate, studies
+from evaluation.lab import Lab
+from evaluation.tasks import expand_tasks
+from prune.allocation import BOUNDS, OWL_LAMBDA, OWL_M
+from prune.recipe import CalibrationSpec, Recipe, RecipeError
 
 EPILOG = """\
 defaults (chosen so the single study of all seven roles on SmolLM2-135M fits in 30 minutes on a CPU
@@ -53,9 +57,6 @@ def _floats(text: str) -> list[float]:
 
 
 def _common(p: argparse.ArgumentParser, windows: int = studies.DEFAULT_WINDOWS) -> None:
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"offline alias, hub id or folder ({DEFAULT_MODEL})"
-    )
     p.add_argument("--out", help="results folder (default results/study-KIND); re-running resumes it")
     p.add_argument("--fresh", action="store_true", help="ignore finished points in --out and start over")
     p.add_argument(
@@ -69,20 +70,13 @@ def _common(p: argparse.ArgumentParser, windows: int = studies.DEFAULT_WINDOWS) 
         "--eval-seqlen", type=int, default=studies.DEFAULT_EVAL_SEQLEN, help="tokens per window (512)"
     )
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4 or a text file (wikitext2)")
-    p.add_argument("--calibration", default="c4", help="c4, wikitext2, generated or a text file (c4)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (32)")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (512)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
-    p.add_argument("--batch-size", type=int, help="calibration batch size (default 1 on CPU, 8 on GPU)")
-    p.add_argument("--data-dir", help="offline data folder (default: $PRUNING_LAB_DATA)")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
+    flags.add_calibration_flags(p, studies.default_calibration())
     p.add_argument("--no-plots", action="store_true", help="write CSV/JSON only")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    flags.add_model_flags(p)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="python -m prune study",
         description="Sensitivity studies of Wanda pruning per module, and automatic per-module allocation.",
         epilog=EPILOG,
@@ -120,8 +114,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _allocate_args(p: argparse.ArgumentParser) -> None:
-    from evaluation import allocate as al
-
     p.add_argument(
         "--targets",
         type=_floats,
@@ -132,59 +124,65 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
         "--curves",
         help="a single-study folder to take sensitivities from (default: measure them in OUT/curves)",
     )
-    p.add_argument("--curve-grid", type=_floats, default=al.CURVE_GRID, help="rates of the measured curves")
+    p.add_argument(
+        "--curve-grid", type=_floats, default=allocate.CURVE_GRID, help="rates of the measured curves"
+    )
     p.add_argument(
         "--select-data",
         help="held-out text the allocator's own evaluations use (default: WikiText-2 validation from the "
         "data folder, else c4), never the test set that the comparison reports",
     )
-    p.add_argument("--select-windows", type=int, default=al.SELECT_WINDOWS, help="windows for selection (8)")
     p.add_argument(
-        "--bounds", type=_floats, default=list(al.BOUNDS), help="min,max sparsity per role (0,0.9)"
+        "--select-windows", type=int, default=allocate.SELECT_WINDOWS, help="windows for selection (8)"
     )
-    p.add_argument("--lam", type=float, default=al.OWL_LAMBDA, help="OWL: layer sparsity in [S-lam, S+lam]")
-    p.add_argument("--outlier-m", type=float, default=al.OWL_M, help="OWL: outlier if score > M x mean (5)")
+    p.add_argument("--bounds", type=_floats, default=list(BOUNDS), help="min,max sparsity per role (0,0.9)")
+    p.add_argument("--lam", type=float, default=OWL_LAMBDA, help="OWL: layer sparsity in [S-lam, S+lam]")
+    p.add_argument("--outlier-m", type=float, default=OWL_M, help="OWL: outlier if score > M x mean (5)")
     p.add_argument("--no-refine", action="store_true", help="take the greedy allocation as is")
 
 
 def study(argv: list[str]) -> int:
-    from evaluation.lab import Lab
-    from prune.cli import _Bar
-    from prune.paths import set_data_dir
-    from prune.recipe import Recipe
-
-    args = parser().parse_args(argv)
-    set_data_dir(args.data_dir)
+    args = flags.parse(parser(), argv)
     windows = None if args.full or args.windows == 0 else args.windows
     if windows is not None and windows < 0:
         raise RecipeError("--windows must be >= 0")
     out = Path(args.out or f"results/study-{args.kind}")
-    calibration = _calibration(args)
-    bar = _Bar(args.quiet)
-    lab = Lab.open(Recipe(model=args.model, dtype=args.dtype, device=args.device), bar.message)
-    if args.batch_size:
-        lab.pruner.batch_size = args.batch_size
-    if args.kind == "allocate":
-        return _allocate(args, lab, calibration, windows, out, bar)
+    calibration = flags.calibration(args, studies.default_calibration())
+    settings = None
+    if args.kind != "allocate":
+        tasks = expand_tasks(args.tasks) if getattr(args, "tasks", None) else []
+        limit = getattr(args, "limit", None)  # downstream only
+        settings = studies.StudySettings(
+            args.kind, args.dataset, windows, args.eval_seqlen, calibration, tasks, limit
+        )
+        if not args.fresh:
+            studies.resumable(out, settings)  # before the model loads (minutes, for a big one)
+    with Bar(args.quiet) as bar:
+        lab = flags.open_lab(args, Recipe(**flags.model_fields(args)), bar)
+        if settings is None:
+            return _allocate(args, lab, calibration, windows, out, bar)
+        return _study(args, lab, settings, out, bar)
+
+
+def _study(args: argparse.Namespace, lab: Lab, settings: studies.StudySettings, out: Path, bar: Bar) -> int:
     result = studies.run_study(
         lab,
-        args.kind,
+        settings.kind,
         getattr(args, "grid", None),
-        windows,
+        settings.windows,
         out,
         bar,
         lambda point, res: bar.message(_point_line(point)),
-        roles=args.roles.split(",") if getattr(args, "roles", None) else None,
-        dataset=args.dataset,
-        eval_seqlen=args.eval_seqlen,
-        calibration=calibration,
-        tasks=_tasks(args),
-        limit=getattr(args, "limit", None),
+        roles=list(flags.comma_list(args.roles)) if getattr(args, "roles", None) else None,
+        dataset=settings.dataset,
+        eval_seqlen=settings.eval_seqlen,
+        calibration=settings.calibration,
+        tasks=settings.tasks,
+        limit=settings.limit,
         fresh=args.fresh,
         plots=not args.no_plots,
     )
-    if bar.bar is not None:
-        bar.bar.close()
+    bar.close()
     print(
         json.dumps(
             {
@@ -201,25 +199,6 @@ def study(argv: list[str]) -> int:
     return 0
 
 
-def _calibration(args: argparse.Namespace) -> CalibrationSpec:
-    known = args.calibration in ("c4", "wikitext2", "generated")
-    return CalibrationSpec(
-        source=args.calibration if known else "file",
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        path=None if known else args.calibration,
-    )
-
-
-def _tasks(args: argparse.Namespace) -> list[str] | None:
-    if not getattr(args, "tasks", None):
-        return None
-    from evaluation.tasks import expand_tasks
-
-    return expand_tasks(args.tasks)
-
-
 def _point_line(point: studies.StudyPoint) -> str:
     acc = f", acc {point.accuracy:.4f}" if point.accuracy is not None else ""
     return (
@@ -229,10 +208,10 @@ def _point_line(point: studies.StudyPoint) -> str:
     )
 
 
-def _allocate(args, lab, calibration: CalibrationSpec, windows: int | None, out: Path, bar) -> int:
-    from evaluation import allocate as al
-
-    report = al.compare(
+def _allocate(
+    args: argparse.Namespace, lab: Lab, calibration: CalibrationSpec, windows: int | None, out: Path, bar: Bar
+) -> int:
+    report = allocate.compare(
         lab,
         args.targets,
         out,
@@ -251,8 +230,7 @@ def _allocate(args, lab, calibration: CalibrationSpec, windows: int | None, out:
         progress=bar,
         log=bar.message,
     )
-    if bar.bar is not None:
-        bar.bar.close()
+    bar.close()
     print(report["markdown"])
     print(json.dumps({"files": report["files"]}, indent=2), file=sys.stderr)
     return 0

@@ -1,0 +1,107 @@
+"""Flags that ``run``, ``info`` and ``study`` share, and what they mean, written once.
+
+Every parser here is a ``Parser``: a flag argparse rejects becomes a ``UsageError`` (a LabError),
+so it ends like every other user error: one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import NoReturn
+
+from evaluation.lab import Lab
+from prune.errors import LabError
+from prune.models import DEFAULT_MODEL, OFFLINE_MODELS
+from prune.paths import set_data_dir
+from prune.progress import Progress
+from prune.recipe import CalibrationSpec, Recipe
+
+NAMED_CALIBRATION = ("c4", "wikitext2", "generated")  # any other --calibration is a file
+MODEL_FIELDS = ("model", "revision", "dtype", "device", "trust_remote_code")  # what the model flags set
+
+
+class UsageError(LabError):
+    """A command line argparse cannot parse."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting (sub-commands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """Which model, from where, on what device; and ``--quiet``."""
+    if model_flag:
+        parser.add_argument(
+            "--model",
+            help=f"offline alias ({', '.join(OFFLINE_MODELS)}), hub id or local folder ({DEFAULT_MODEL})",
+        )
+    parser.add_argument("--data-dir", help="offline data folder (default: $PRUNING_LAB_DATA; unset: the hub)")
+    parser.add_argument("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="allow a hub model's own code to run (only for models you trust)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_calibration_flags(parser: argparse.ArgumentParser, defaults: CalibrationSpec | None = None) -> None:
+    """Calibration data and batch size. Without ``defaults`` an unset flag keeps the recipe's value."""
+    values: dict = {}
+    if defaults:
+        values = {"calibration": defaults.source, **dataclasses.asdict(defaults)}
+
+    def flag(name: str, text: str, **kwargs) -> None:
+        shown = f" ({values[name]})" if defaults else ""
+        parser.add_argument(f"--{name}", default=values.get(name), help=text + shown, **kwargs)
+
+    flag("calibration", "c4, wikitext2, generated, or a text/jsonl/parquet file")
+    flag("nsamples", "calibration sequences", type=int)
+    flag("seqlen", "calibration sequence length, capped at the model's context", type=int)
+    flag("seed", "calibration sampling seed", type=int)
+    parser.add_argument("--batch-size", type=int, help="calibration batch size (default 1 on CPU, 8 on GPU)")
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, then point the data loaders at ``--data-dir``."""
+    args = parser.parse_args(argv)
+    set_data_dir(args.data_dir)
+    return args
+
+
+def model_fields(args: argparse.Namespace) -> dict:
+    """The Recipe fields the model flags set (unset flags are left out)."""
+    return {name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name, None) is not None}
+
+
+def calibration(args: argparse.Namespace, base: CalibrationSpec) -> CalibrationSpec:
+    """``base`` with the calibration flags that are set applied."""
+    changes = {
+        name: getattr(args, name)
+        for name in ("nsamples", "seqlen", "seed")
+        if getattr(args, name) is not None
+    }
+    if args.calibration:
+        named = args.calibration in NAMED_CALIBRATION
+        changes["source"] = args.calibration if named else "file"
+        changes["path"] = None if named else args.calibration
+    return dataclasses.replace(base, **changes)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def open_lab(args: argparse.Namespace, recipe: Recipe, progress: Progress) -> Lab:
+    """Load the recipe's model into a Lab, with ``--batch-size`` applied."""
+    lab = Lab.open(recipe, progress)
+    if args.batch_size:
+        lab.batch_size = args.batch_size
+    return lab

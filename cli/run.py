@@ -1,0 +1,180 @@
+"""``python -m prune`` prunes and evaluates; ``python -m prune info MODEL`` shows the role map.
+
+Flags build (or override) one ``Recipe``; the result is JSON on stdout, progress and a short
+summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from cli import flags
+from cli.progress import Bar
+from evaluation.lab import Lab
+from prune import calibration
+from prune.methods import METHODS
+from prune.models import DEFAULT_MODEL
+from prune.recipe import EvalSpec, Recipe, RecipeError, parse_sparsity
+from prune.roles import Target
+
+EVAL_ALIASES = {"wikitext2", "c4"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = flags.Parser(
+        prog="python -m prune",
+        description="Prune a causal LM with Wanda at per-module sparsities and measure what it cost. "
+        "Other commands: 'info MODEL' (role map), 'study ...' (sensitivity sweeps).",
+    )
+    p.add_argument("--recipe", help="a recipe file (.json or .yaml); flags below override it")
+    p.add_argument(
+        "--sparsity",
+        help="per role: all=0.5 | attn=0.3,mlp=0.6 | q=0.3,k=0.3,v=0.5,o=0.5,"
+        "gate=0.6,up=0.6,down=0.6 (fractions in [0, 1])",
+    )
+    p.add_argument("--method", choices=list(METHODS))
+    p.add_argument("--structure", help="unstructured (default) or N:M such as 2:4, 4:8")
+    p.add_argument("--use-variant", action="store_true", default=None, help="Wanda's cumulative-sum variant")
+    p.add_argument("--layers", help="only decoder layers START:END (end exclusive)")
+    p.add_argument(
+        "--stats",
+        dest="stats_mode",
+        choices=["sequential", "cached"],
+        help="sequential: the reference procedure; cached: one dense pass, reused",
+    )
+    flags.add_calibration_flags(p)
+    p.add_argument("--eval", help="comma list of wikitext2, c4, a text file, or none")
+    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick estimate)")
+    p.add_argument("--tasks", help="lm-eval tasks: comma list or all7")
+    p.add_argument("--limit", type=int, help="lm-eval examples per task")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
+    p.add_argument("--save", help="write the pruned model here (safetensors, save_pretrained)")
+    p.add_argument("--save-recipe", help="write the effective recipe here (.json or .yaml)")
+    p.add_argument("--save-calibration", help="write the calibration token ids used (safetensors)")
+    p.add_argument("--calibration-ids", help="reuse calibration token ids from such a file")
+    p.add_argument("--output", help="also write the JSON result to this file")
+    flags.add_model_flags(p)
+    return p
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe file (or the defaults with all=0.5), with every flag that is set applied."""
+    base = Recipe.load(args.recipe) if args.recipe else Recipe(sparsity=parse_sparsity("all=0.5"))
+    changes = flags.model_fields(args)
+    for name in ("method", "structure", "use_variant", "stats_mode"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.sparsity is not None:
+        changes["sparsity"] = parse_sparsity(args.sparsity)
+    if args.layers:
+        changes["layers"] = _layers(args.layers)
+    changes["calibration"] = flags.calibration(args, base.calibration)
+    changes["evaluation"] = _evaluation(args, base.evaluation)
+    return dataclasses.replace(base, **changes)
+
+
+def _layers(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise RecipeError(f"--layers takes START:END, e.g. 0:15; got {text!r}") from None
+    return start, end
+
+
+def _evaluation(args: argparse.Namespace, base: EvalSpec) -> EvalSpec:
+    changes: dict = {}
+    if args.eval is not None:
+        changes["datasets"] = () if args.eval == "none" else flags.comma_list(args.eval)
+    if args.tasks is not None:
+        changes["tasks"] = flags.comma_list(args.tasks)
+    for flag, name in (("eval_seqlen", "seqlen"), ("max_windows", "max_windows"), ("limit", "limit")):
+        if getattr(args, flag) is not None:
+            changes[name] = getattr(args, flag)
+    evaluation = dataclasses.replace(base, **changes)
+    for dataset in evaluation.datasets:
+        if dataset not in EVAL_ALIASES and not Path(dataset).is_file():
+            raise RecipeError(f"--eval {dataset!r}: not wikitext2, c4 or an existing file")
+    return evaluation
+
+
+def run(argv: list[str]) -> int:
+    args = flags.parse(parser(), argv)
+    recipe = build_recipe(args)
+    ids = calibration.load_ids(args.calibration_ids) if args.calibration_ids else None
+    with Bar(args.quiet) as bar:
+        lab = flags.open_lab(args, recipe, bar)
+        output = lab.run(recipe, bar, dense=not args.no_dense, ids=ids).to_dict(lab.model_info())
+        if recipe.evaluation.tasks:
+            from evaluation.tasks import evaluate_recipe_tasks
+
+            output["tasks"] = evaluate_recipe_tasks(lab, recipe, dense=not args.no_dense, progress=bar)
+        if args.save_calibration:
+            calibration.save_ids(
+                ids if ids is not None else lab.calibration_ids(recipe.calibration), args.save_calibration
+            )
+        if args.save_recipe:
+            recipe.save(args.save_recipe)
+        if args.save:
+            lab.loaded.model.save_pretrained(args.save, safe_serialization=True)
+            lab.loaded.tokenizer.save_pretrained(args.save)
+            output["saved"] = str(Path(args.save).resolve())
+    text = json.dumps(output, indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    for line in summary(output):
+        bar.message(line)
+    print(text)
+    return 0
+
+
+def summary(output: dict) -> list[str]:
+    """A few lines for a person: per role asked / achieved / pruned weights, then what it cost."""
+    report = output["prune"]["report"]
+    lines = [f"{'role':<6} {'asked':>7} {'achieved':>9} {'pruned weights':>15}"]
+    for role, r in report["roles"].items():
+        lines.append(f"{role:<6} {r['requested']:>7.2%} {r['sparsity']:>9.2%} {r['pruned']:>15,}")
+    lines.append(
+        f"{'all':<6} {'':>7} {report['linear_sparsity']:>9.2%} {report['pruned']:>15,}"
+        f"  ({report['total_sparsity']:.2%} of all parameters)"
+    )
+    for dataset, pair in output["perplexity"].items():
+        dense = pair["dense"]["perplexity"] if "dense" in pair else None
+        lines.append(f"perplexity {dataset}: {_arrow(dense, pair['pruned']['perplexity'], '.3f')}")
+    for row in output.get("tasks", {}).get("rows", []):
+        if row["task"] == "mean":
+            lines.append(f"tasks mean {row['metric']}: {_arrow(row['dense'], row['pruned'], '.4f')}")
+    return lines
+
+
+def _arrow(dense: float | None, pruned: float, fmt: str) -> str:
+    """``dense -> pruned``, or the pruned value alone when the dense model was not evaluated."""
+    if dense is None:
+        return f"{pruned:{fmt}} (pruned; dense not evaluated)"
+    return f"{dense:{fmt}} -> {pruned:{fmt}}"
+
+
+def info(argv: list[str]) -> int:
+    p = flags.Parser(prog="python -m prune info", description="Show a model's role map.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    flags.add_model_flags(p, model_flag=False)
+    args = flags.parse(p, argv)
+    with Bar(args.quiet) as bar:
+        lab = Lab.open(Recipe(**flags.model_fields(args)), bar)
+    info = lab.model_info()
+    roles = lab.loaded.roles
+    info["role_modules"] = {role: [_module_name(roles.targets[(0, role)])] for role in roles.roles}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _module_name(target: Target) -> str:
+    """Layer 0's module, written for every layer: ``model.layers.{i}.mlp.down_proj``."""
+    return (
+        target.module.replace(".0.", ".{i}.", 1)
+        + (f"[rows {target.rows[0]}:{target.rows[1]}]" if target.rows else "")
+        + (" (transposed)" if target.transposed else "")
+    )

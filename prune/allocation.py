@@ -1,0 +1,325 @@
+"""Allocation math: how to spend one budget of pruned weights across roles and layers.
+
+Pure functions of numbers (cost curves, role shapes, outlier ratios): no model, no Lab. The drivers
+that measure curves and ratios on a model and refine on held-out text live in
+``evaluation/allocate.py``.
+
+- ``greedy_plan``: per-role sparsities from single-role sensitivity curves. Greedy marginal cost:
+  the budget goes, a little at a time, to the role whose perplexity grows least per weight removed
+  (log-perplexity increments are taken as additive; looking ahead along each curve makes the greedy
+  exact for that model). ``GreedyPlan.line`` gives the refinement's candidates between uniform and
+  the greedy allocation.
+- ``owl_sparsities``: Outlier-Weighted Layerwise sparsity (Yin et al., 2023). Per layer, the outlier
+  ratio (``outlier_ratio``) is the fraction of Wanda scores above M x the layer's mean score (M = 5);
+  layers with more outliers are pruned less, within [S - lambda, S + lambda] (lambda = 0.08).
+- ``quantize``: every allocation is rounded to whole weights per row (Wanda prunes ``int(in * s)``
+  per row) and to the uniform recipe's exact count, so all methods remove the same number of
+  weights (to within one row of the smallest matrix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from prune.errors import LabError
+from prune.recipe import Recipe
+
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+BOUNDS = (0.0, 0.9)
+ALPHAS = (0.5, 1.0, 1.5)  # how far from uniform towards the greedy allocation the refinement tries
+
+Curve = list[tuple[float, float]]  # (rate, cost) sorted by rate; cost = log(ppl / dense ppl)
+Shape = Mapping[str, tuple[int, int]]  # role -> (rows, cols) of its matrix in every layer
+
+
+class AllocationError(LabError):
+    """A budget the bounds cannot meet, or curves that do not cover what is asked."""
+
+
+# ----- sensitivity curves --------------------------------------------------------------------------
+class CurvePoint(Protocol):
+    """One measured point of a single-role study (``evaluation.studies.StudyPoint`` is one)."""
+
+    series: str
+    rate: float
+    perplexity: float
+    dense_perplexity: float
+
+
+def curves_from_points(points: Iterable[CurvePoint]) -> dict[str, Curve]:
+    """Single-study points as cost curves: cost(rate) = log(perplexity / dense), from (0, 0), made
+    non-decreasing (a few windows are noisy at low rates; pruning more never helps in expectation).
+    A rate measured twice keeps its last point."""
+    rows: dict[str, dict[float, float]] = {}
+    for p in points:
+        row = rows.setdefault(p.series, {0.0: 0.0})
+        if p.rate > 0:
+            row[p.rate] = math.log(p.perplexity / p.dense_perplexity)
+    return {series: _monotone(sorted(row.items())) for series, row in rows.items()}
+
+
+def _monotone(curve: Curve) -> Curve:
+    out, top = [], -math.inf
+    for rate, cost in curve:
+        top = max(top, cost)
+        out.append((rate, top))
+    return out
+
+
+def cost_at(curve: Curve, rate: float) -> float:
+    """Piecewise-linear interpolation of a cost curve (rates past its ends are clamped)."""
+    if rate <= curve[0][0]:
+        return curve[0][1]
+    for (r0, c0), (r1, c1) in zip(curve, curve[1:], strict=False):
+        if rate <= r1:
+            return c0 + (c1 - c0) * (rate - r0) / (r1 - r0)
+    return curve[-1][1]
+
+
+# ----- the greedy allocation -----------------------------------------------------------------------
+def greedy_allocation(
+    curves: Mapping[str, Curve],
+    params: Mapping[str, int],
+    target: float,
+    bounds: tuple[float, float] | Mapping[str, tuple[float, float]] = BOUNDS,
+) -> dict[str, float]:
+    """Per-role sparsities with sum(params[r] * s[r]) == target * sum(params) exactly, each within
+    its bounds, spending the budget where the marginal cost per pruned weight is lowest.
+
+    A role's marginal cost looks ahead to every later point of its curve (the lower convex hull),
+    so a bump in a noisy curve does not stop the greedy early; for piecewise-linear costs this
+    greedy is the exact optimum of the additive model."""
+    roles = list(params)
+    limits = {r: bounds[r] if isinstance(bounds, Mapping) else bounds for r in roles}
+    total = sum(params.values())
+    budget = target * total
+    low = sum(params[r] * limits[r][0] for r in roles)
+    high = sum(params[r] * limits[r][1] for r in roles)
+    if not low - 1e-9 <= budget <= high + 1e-9:
+        raise AllocationError(
+            f"target {target:.1%} is outside what the bounds allow ({low / total:.1%} to {high / total:.1%})"
+        )
+    s = {r: limits[r][0] for r in roles}
+    used = low
+    while budget - used > 1e-12 * total:
+        role, ds = _cheapest_move(curves, params, limits, s)
+        if role is None:
+            raise AllocationError("no role can take more sparsity within its bounds")
+        ds = min(ds, (budget - used) / params[role])
+        s[role] += ds
+        used += params[role] * ds
+    return {r: min(max(s[r], limits[r][0]), limits[r][1]) for r in roles}
+
+
+def _cheapest_move(curves, params, limits, s) -> tuple[str | None, float]:
+    """The role and the move (in rate) with the lowest cost per pruned weight. The cost is linear
+    between curve points, so only moves that end on a curve point (or the bound) need checking."""
+    best, best_role, best_ds = math.inf, None, 0.0
+    for role in params:
+        hi = limits[role][1]
+        if s[role] >= hi - 1e-12:
+            continue
+        here = cost_at(curves[role], s[role])
+        ends = [r for r, _ in curves[role] if s[role] + 1e-12 < r < hi] + [hi]
+        for end in ends:
+            ds = end - s[role]
+            ratio = (cost_at(curves[role], end) - here) / (params[role] * ds)
+            if ratio < best - 1e-15:
+                best, best_role, best_ds = ratio, role, ds
+    return best_role, best_ds
+
+
+# ----- OWL -----------------------------------------------------------------------------------------
+def outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
+    """The fraction of ``scores`` (one layer's Wanda scores) above ``m`` x their mean."""
+    flat = scores.flatten()
+    return float((flat > m * flat.mean()).float().mean())
+
+
+def owl_sparsities(
+    ratios: Sequence[float], target: float, lam: float = OWL_LAMBDA, weights: Sequence[float] | None = None
+) -> list[float]:
+    """Layer sparsities: more outliers, less pruning; all within [target - lam, target + lam]; their
+    mean weighted by ``weights`` (the layers' sizes) is exactly ``target``.
+
+    OWL maps the ratios min-max onto a band 2 lam wide and re-centres it on the target; here the
+    ratios are centred on their weighted mean and scaled so the farthest layer sits at lam, which
+    keeps every layer inside the band while preserving the mean exactly (both agree when the ratios
+    are symmetric). Values are also kept inside [0, 1]."""
+    w = list(weights) if weights is not None else [1.0] * len(ratios)
+    mean = sum(r * x for r, x in zip(ratios, w, strict=True)) / sum(w)
+    spread = max(abs(r - mean) for r in ratios)
+    if spread == 0:
+        return [target] * len(ratios)
+    lam = min(lam, target, 1.0 - target)
+    return [target - lam * (r - mean) / spread for r in ratios]
+
+
+# ----- quantizing to whole weights per row, at one exact count -------------------------------------
+@dataclass
+class Cell:
+    """A group of identical matrices that share one sparsity (a role in one layer, or in all)."""
+
+    key: tuple
+    rows: int  # output rows of one matrix
+    cols: int  # input columns: Wanda prunes int(cols * s) of each row
+    copies: int  # how many such matrices (layers) share the sparsity
+    sparsity: float
+    high: float = 1.0
+
+
+def quantize(cells: list[Cell], count: int) -> dict[tuple, float]:
+    """Sparsities that prune whole numbers of weights per row and ``count`` weights in all (to within
+    the smallest cell's rows x copies): scaled to the count, floors first, then largest remainders."""
+    exact = sum(c.rows * c.copies * c.cols * c.sparsity for c in cells)
+    scale = count / exact if exact else 0.0
+    want = {c.key: min(c.cols * c.sparsity * scale, c.cols * c.high) for c in cells}
+    ks = {c.key: math.floor(want[c.key] + 1e-9) for c in cells}
+    left = count - sum(c.rows * c.copies * ks[c.key] for c in cells)
+    order = sorted(cells, key=lambda c: want[c.key] - ks[c.key], reverse=True)
+    while left > 0:
+        moved = False
+        for c in order:
+            unit = c.rows * c.copies
+            if unit <= left and ks[c.key] + 1 <= math.floor(c.cols * c.high + 1e-9):
+                ks[c.key] += 1
+                left -= unit
+                moved = True
+        if not moved:
+            break
+    return {c.key: _exact(ks[c.key], c.cols) for c in cells}
+
+
+def _exact(k: int, cols: int) -> float:
+    """A sparsity s with int(cols * s) == k despite floating point."""
+    return 1.0 if k >= cols else k / cols + 1e-9
+
+
+def uniform_count(shape: Shape, layers: int, target: float) -> int:
+    """Weights uniform Wanda at ``target`` removes: the budget every method is matched to."""
+    return sum(layers * rows * int(cols * target) for rows, cols in shape.values())
+
+
+def per_role_allocation(
+    sparsity: Mapping[str, float], shape: Shape, layers: int, count: int, high: float = 1.0
+) -> dict[str, float]:
+    """One sparsity per role (the same in every layer), rounded to ``count`` pruned weights."""
+    cells = [Cell((r,), *shape[r], layers, min(max(s, 0.0), high), high) for r, s in sparsity.items()]
+    return {key[0]: s for key, s in quantize(cells, count).items()}
+
+
+def per_layer_allocation(
+    table: Mapping[int, Mapping[str, float]], shape: Shape, count: int
+) -> dict[int, dict[str, float]]:
+    """A sparsity per (layer, role), rounded to ``count`` pruned weights."""
+    cells = [
+        Cell((i, r), *shape[r], 1, min(max(s, 0.0), 1.0)) for i, row in table.items() for r, s in row.items()
+    ]
+    out: dict[int, dict[str, float]] = {}
+    for (i, r), s in quantize(cells, count).items():
+        out.setdefault(i, {})[r] = s
+    return out
+
+
+# ----- allocations ---------------------------------------------------------------------------------
+@dataclass
+class Allocation:
+    """What the allocator (or OWL) chose: per-role sparsities and, if used, per-layer tables."""
+
+    method: str
+    target: float
+    sparsity: dict[str, float]
+    per_layer: dict[int, dict[str, float]] = field(default_factory=dict)
+    predicted_cost: float | None = None  # sum of per-role log(ppl/dense) from the curves
+    alpha: float | None = None  # the refinement's choice (0: uniform, 1: the greedy allocation)
+    trials: list[dict] = field(default_factory=list)  # the refinement's held-out evaluations
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def recipe(self, base: Recipe) -> Recipe:
+        """``base`` (calibration, evaluation, model) with this allocation's sparsities."""
+        return dataclasses.replace(
+            base, sparsity=dict(self.sparsity), per_layer={k: dict(v) for k, v in self.per_layer.items()}
+        )
+
+
+@dataclass(frozen=True)
+class GreedyPlan:
+    """The greedy allocation of one target on a model's roles, before rounding to whole weights."""
+
+    target: float
+    sparsity: dict[str, float]  # role -> greedy sparsity, not rounded
+    shape: Shape
+    layers: int
+    high: float  # the upper bound every role was held to
+    predicted_cost: float  # sum of the curves' costs at ``sparsity``
+
+    @property
+    def count(self) -> int:
+        return uniform_count(self.shape, self.layers, self.target)
+
+    def allocation(self) -> Allocation:
+        """The greedy sparsities rounded to uniform's count (alpha 1)."""
+        sparsity = per_role_allocation(self.sparsity, self.shape, self.layers, self.count, self.high)
+        return Allocation("allocator", self.target, sparsity, {}, self.predicted_cost, 1.0)
+
+    def line(self, alphas: Sequence[float] = ALPHAS) -> list[tuple[float, dict[str, float]]]:
+        """The refinement's candidates: ``uniform + alpha * (greedy - uniform)`` for uniform (alpha 0)
+        and each alpha, rounded to uniform's count; alphas that push a role outside [0, high] are left
+        out."""
+        out = []
+        for alpha in sorted({0.0, *alphas}):
+            mixed = {r: self.target + alpha * (s - self.target) for r, s in self.sparsity.items()}
+            if any(s < 0 or s > self.high + 1e-9 for s in mixed.values()):
+                continue
+            out.append((alpha, per_role_allocation(mixed, self.shape, self.layers, self.count, self.high)))
+        return out
+
+
+def greedy_plan(
+    curves: Mapping[str, Curve],
+    shape: Shape,
+    layers: int,
+    target: float,
+    bounds: tuple[float, float] = BOUNDS,
+) -> GreedyPlan:
+    """The greedy allocation of ``target`` (a fraction of all role weights) over the roles of
+    ``shape``; each role is held below ``bounds[1]`` and below the highest rate its curve reaches."""
+    params = {r: layers * rows * cols for r, (rows, cols) in shape.items()}
+    missing = [r for r in params if r not in curves]
+    if missing:
+        raise AllocationError(f"no sensitivity curve for {', '.join(missing)}")
+    high = min(bounds[1], *(curves[r][-1][0] for r in params))
+    greedy = greedy_allocation(curves, params, target, (bounds[0], high))
+    predicted = sum(cost_at(curves[r], s) for r, s in greedy.items())
+    return GreedyPlan(target, greedy, shape, layers, high, predicted)
+
+
+def owl_allocation(
+    shape: Shape, target: float, ratios: Sequence[float], lam: float = OWL_LAMBDA
+) -> Allocation:
+    """OWL's layer sparsities (every role of a layer alike), rounded to uniform's count."""
+    layers = len(ratios)
+    layer_s = owl_sparsities(ratios, target, lam)
+    table = {i: dict.fromkeys(shape, s) for i, s in enumerate(layer_s)}
+    per_layer = per_layer_allocation(table, shape, uniform_count(shape, layers, target))
+    return Allocation("owl", target, {"all": target}, per_layer)
+
+
+def with_owl_offsets(
+    allocation: Allocation, shape: Shape, ratios: Sequence[float], lam: float = OWL_LAMBDA
+) -> Allocation:
+    """The allocator's per-role sparsities plus OWL's per-layer offsets, at the same count."""
+    layers = len(ratios)
+    offsets = [s - allocation.target for s in owl_sparsities(ratios, allocation.target, lam)]
+    table = {i: {r: allocation.sparsity[r] + off for r in shape} for i, off in enumerate(offsets)}
+    per_layer = per_layer_allocation(table, shape, uniform_count(shape, layers, allocation.target))
+    return dataclasses.replace(allocation, method="allocator+owl", per_layer=per_layer)
