@@ -5,14 +5,19 @@
 
 A thin front end: widgets become a ``Recipe``; ``evaluation.Lab`` does the work, exactly as
 ``python -m prune --recipe FILE`` does. One model is in memory for every visitor; each
-browser session keeps its own masks and history (see ``ui/engine.py``).
+browser session keeps its own model choice, masks and history (see ``ui/engine.py``).
+
+Hosting (README "Hosting"): ``--public`` (on by itself on a Hugging Face Space) offers visitors only
+the host's ``--models`` and checks every request against limits before it runs (``ui/hosting.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from prune.models import DEFAULT_MODEL, OFFLINE_MODELS
 
@@ -43,7 +48,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"model loaded at start: offline alias ({', '.join(OFFLINE_MODELS)}), hub id or local folder",
     )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 ...")
+    h = p.add_argument_group("hosting (a Space, a classroom)")
+    h.add_argument(
+        "--public",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="visitors choose only the host's --models and every request is limited "
+        "(default: on when $SPACE_ID is set, i.e. on a Hugging Face Space)",
+    )
+    h.add_argument(
+        "--models", help="comma list of the models visitors may choose (public; default: offline aliases)"
+    )
+    h.add_argument(
+        "--allow-custom-models",
+        action="store_true",
+        help="public: visitors may also type public hub ids (never loaded with the host's token)",
+    )
+    h.add_argument(
+        "--auth", action="append", metavar="USER:PASS", help="require a login (repeat for more users)"
+    )
+    h.add_argument("--session-ttl", type=float, help="minutes an idle session keeps its masks and files (60)")
+    h.add_argument("--max-calibration-tokens", type=int, help="samples x tokens per sample, per request")
+    h.add_argument("--max-eval-windows", type=int, help="evaluation windows per dataset")
+    h.add_argument("--max-eval-seqlen", type=int, help="tokens per evaluation window")
+    h.add_argument("--max-task-docs", type=int, help="documents per lm-eval task")
+    h.add_argument("--max-study-points", type=int, help="points per study")
+    h.add_argument("--max-new-tokens", type=int, help="generated tokens per answer")
+    h.add_argument("--max-upload-mb", type=float, help="size of an uploaded text file")
+    h.add_argument("--queue-size", type=int, help="heavy jobs waiting at most")
+    h.add_argument("--job-seconds", type=float, help="time limit of one heavy job")
+    h.add_argument(
+        "--cache-entries", type=int, help="calibration sets / statistics / ranks kept in memory (4)"
+    )
+    h.add_argument("--cache-mb", type=float, help="memory per statistics or rank cache (1024)")
+    h.add_argument("--disk-cache-mb", type=float, help="statistics cache on disk (4096)")
     return p.parse_args(argv)
+
+
+def hosting_from(args: argparse.Namespace, device_type: str):
+    """The host's profile from flags (``ui.hosting``): local freedom unless public."""
+    from ui.hosting import Hosting, Limits, on_a_space
+
+    public = on_a_space() if args.public is None else args.public
+    models = [m for m in (args.models or "").split(",") if m.strip()]
+    if public:
+        hosting = Hosting.public_profile(models, device_type, allow_custom=args.allow_custom_models)
+    else:
+        hosting = Hosting(models=tuple(models))
+    limits = hosting.limits if public else Limits.none()
+    hosting.limits = limits.replace(
+        calibration_tokens=args.max_calibration_tokens,
+        eval_windows=args.max_eval_windows,
+        eval_seqlen=args.max_eval_seqlen,
+        task_docs=args.max_task_docs,
+        study_points=args.max_study_points,
+        new_tokens=args.max_new_tokens,
+        upload_mb=args.max_upload_mb,
+        queue_size=args.queue_size,
+        job_seconds=args.job_seconds,
+    )
+    if args.session_ttl is not None:
+        hosting.session_ttl_s = 60 * args.session_ttl
+    return hosting
+
+
+def persistent_cache() -> str | None:
+    """On a Space with persistent storage (/data), the model's first fetch and conversion and the
+    statistics survive a restart: the cache goes there unless the host set one."""
+    data = Path("/data")
+    if os.environ.get("PRUNING_LAB_CACHE") or not data.is_dir() or not os.access(data, os.W_OK):
+        return None
+    os.environ["PRUNING_LAB_CACHE"] = str(data / "pruning-lab")
+    os.environ.setdefault("HF_HOME", str(data / "huggingface"))
+    return os.environ["PRUNING_LAB_CACHE"]
+
+
+def startup_notes(engine) -> list[str]:
+    """What cannot work on this hardware, said at start (log and page header)."""
+    from ui.hosting import zero_gpu
+
+    notes = []
+    if zero_gpu():
+        notes.append(
+            "ZeroGPU hardware: each @spaces.GPU call runs in a separate worker with the weights copied "
+            "in, so masks applied in place would not survive between calls and the lab's one-model "
+            "design does not fit; this app runs on the CPU here. Choose CPU or a dedicated GPU."
+        )
+    return notes
 
 
 def build_demo(engine):
@@ -54,11 +145,13 @@ def build_demo(engine):
     from ui.recipes import Controls, Defaults, build_recipe, readout
 
     defaults = Defaults.for_device(engine.require().loaded.device.type)
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 7200)) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 7200), analytics_enabled=False) as demo:
+        notes = "".join(f"  \n**Note:** {n}" for n in startup_notes(engine))
         gr.Markdown(
             f"# ✂️ {TITLE}\nPrune a language model with **Wanda** at a different sparsity for every module "
             "role, then see at once what it costs: perplexity, answers, benchmark accuracy.  \n"
             + lab_tab.data_line(engine)
+            + notes
         )
         with gr.Tabs():
             with gr.Tab("Prune", id="prune"):
@@ -81,7 +174,13 @@ def build_demo(engine):
         lab.readout_md.value = readout(
             build_recipe(start, shape), shape, engine.require().loaded.num_parameters()
         )
-        demo.load(lambda: lab_tab.refresh(engine), None, lab.refresh_outputs, api_name=False, queue=False)
+        demo.load(
+            lambda session: lab_tab.refresh(engine, session),
+            [lab.session],
+            lab.refresh_outputs,
+            api_name=False,
+            queue=False,
+        )
     return demo
 
 
@@ -96,24 +195,56 @@ def launch_options() -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+    cache = persistent_cache()
+    if cache:
+        print(f"cache on persistent storage: {cache}", file=sys.stderr)
     from ui.engine import go_offline_if_no_hub
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
+    from prune import cache as prune_cache
     from prune.errors import LabError
+    from prune.models import resolve_device
     from prune.paths import set_data_dir
     from ui.engine import Engine
+    from ui.hosting import expand_user, zero_gpu
 
+    prune_cache.configure(args.cache_entries, args.cache_mb, args.disk_cache_mb)
+    device = "cpu" if zero_gpu() else args.device
     try:
         set_data_dir(args.data_dir)
-        engine = Engine(device=args.device)
+        hosting = hosting_from(args, resolve_device(device).type)
+        engine = Engine(device=device, hosting=hosting)
         engine.offline = offline
-        engine.load(args.model, progress=lambda event: print(event.message, file=sys.stderr))
+        engine.load(expand_user(args.model), progress=lambda event: print(event.message, file=sys.stderr))
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for note in startup_notes(engine):
+        print(f"note: {note}", file=sys.stderr)
+    from ui.engine import EXPORT_ROOT
+
+    print(f"exports: {EXPORT_ROOT}", file=sys.stderr, flush=True)
+    auth = [tuple(a.split(":", 1)) for a in args.auth or [] if ":" in a] or None
+    if args.auth and not auth:
+        print("error: --auth takes USER:PASS", file=sys.stderr)
+        return 2
+    if (args.share or args.host not in (None, "127.0.0.1", "localhost")) and not (auth or hosting.public):
+        print(
+            "warning: reachable by others without --auth or --public: anyone can load any model or folder",
+            file=sys.stderr,
+        )
     demo = build_demo(engine)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    limits = hosting.limits
+    demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        max_file_size=None if limits.upload_mb is None else int(limits.upload_mb * 2**20),
+        **launch_options(),
+    )
     return 0
 
 

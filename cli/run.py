@@ -17,7 +17,7 @@ from evaluation.lab import Lab
 from prune import calibration
 from prune.methods import METHODS
 from prune.models import DEFAULT_MODEL
-from prune.recipe import EvalSpec, Recipe, RecipeError, parse_sparsity
+from prune.recipe import LAYER_SCHEDULES, OWL_LAMBDA, OWL_M, EvalSpec, Recipe, RecipeError, parse_sparsity
 from prune.roles import Target
 
 EVAL_ALIASES = {"wikitext2", "c4"}
@@ -39,6 +39,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", help="unstructured (default) or N:M such as 2:4, 4:8")
     p.add_argument("--use-variant", action="store_true", default=None, help="Wanda's cumulative-sum variant")
     p.add_argument("--layers", help="only decoder layers START:END (end exclusive)")
+    p.add_argument(
+        "--layer-schedule",
+        choices=list(LAYER_SCHEDULES),
+        help="spread the budget over layers: uniform (default); owl: OWL's published mapping of the "
+        "layers' outlier ratios; owl-band: OWL's mean-band variant (same pruned count; unstructured)",
+    )
+    p.add_argument(
+        "--owl-m", type=float, help=f"OWL: a score above M x its layer's mean is an outlier ({OWL_M:g})"
+    )
+    p.add_argument(
+        "--owl-lambda", type=float, help=f"OWL: layer sparsities spread over 2 lambda ({OWL_LAMBDA:g})"
+    )
     p.add_argument(
         "--stats",
         dest="stats_mode",
@@ -65,7 +77,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe file (or the defaults with all=0.5), with every flag that is set applied."""
     base = Recipe.load(args.recipe) if args.recipe else Recipe(sparsity=parse_sparsity("all=0.5"))
     changes = flags.model_fields(args)
-    for name in ("method", "structure", "use_variant", "stats_mode"):
+    for name in ("method", "structure", "use_variant", "stats_mode", "layer_schedule", "owl_m", "owl_lambda"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.sparsity is not None:
@@ -173,8 +185,10 @@ def info(argv: list[str]) -> int:
 
 def _module_name(target: Target) -> str:
     """Layer 0's module, written for every layer: ``model.layers.{i}.mlp.down_proj``."""
-    return (
-        target.module.replace(".0.", ".{i}.", 1)
-        + (f"[rows {target.rows[0]}:{target.rows[1]}]" if target.rows else "")
-        + (" (transposed)" if target.transposed else "")
+    return " + ".join(
+        piece.name.replace(".0.", ".{i}.", 1).removesuffix(".weight")
+        + (f"[rows {piece.rows[0]}:{piece.rows[1]}]" if piece.rows else "")
+        + (" (transposed)" if piece.transposed else "")
+        + (f" ({piece.experts} experts)" if piece.experts else "")
+        for piece in target.pieces()
     )

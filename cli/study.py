@@ -17,6 +17,7 @@ from evaluation import allocate, studies
 from evaluation.lab import Lab
 from evaluation.tasks import expand_tasks
 from prune.allocation import BOUNDS, OWL_LAMBDA, OWL_M
+from prune.methods import METHODS
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
 
 EPILOG = """\
@@ -109,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     _allocate_args(alloc)
     for sp in (single, combined, down):
         _common(sp)
+        sp.add_argument("--method", default="wanda", choices=list(METHODS), help="pruning method (wanda)")
     _common(alloc, windows=32)  # the comparison's evaluation; the curves use --select-windows
     return p
 
@@ -153,7 +155,7 @@ def study(argv: list[str]) -> int:
         tasks = expand_tasks(args.tasks) if getattr(args, "tasks", None) else []
         limit = getattr(args, "limit", None)  # downstream only
         settings = studies.StudySettings(
-            args.kind, args.dataset, windows, args.eval_seqlen, calibration, tasks, limit
+            args.kind, args.dataset, windows, args.eval_seqlen, calibration, tasks, limit, args.method
         )
         if not args.fresh:
             studies.resumable(out, settings)  # before the model loads (minutes, for a big one)
@@ -179,6 +181,7 @@ def _study(args: argparse.Namespace, lab: Lab, settings: studies.StudySettings, 
         calibration=settings.calibration,
         tasks=settings.tasks,
         limit=settings.limit,
+        method=settings.method,
         fresh=args.fresh,
         plots=not args.no_plots,
     )

@@ -5,12 +5,15 @@ Three ways to spend the same number of pruned weights (a fraction ``target`` of 
 
 - ``uniform``: Wanda's default, every role of every layer at ``target``;
 - ``owl``: Outlier-Weighted Layerwise sparsity (Yin et al., 2023): layers with more outliers among
-  their Wanda scores are pruned less;
+  their Wanda scores are pruned less (``Recipe(layer_schedule="owl")``: OWL's published mapping,
+  applied by the pruner at uniform's pruned count);
 - ``allocator``: per-role sparsities from the measured single-role sensitivity curves (the greedy
   of ``prune.allocation``), then a few real evaluations on HELD-OUT text (never the test set the
   comparison reports) pick how far to move from uniform towards that allocation, which corrects
-  for interactions between roles that the additive model ignores. ``allocator+owl`` adds OWL's
-  per-layer offsets to the allocator's per-role sparsities.
+  for interactions between roles that the additive model ignores. ``allocator+owl`` is the
+  allocator's per-role sparsities with the same layer schedule (OWL's offsets added per layer, at
+  the same count). ``allocate(..., owl=True)`` instead returns the mean-band variant's offsets as
+  explicit per-layer tables.
 
 The math (curves, the greedy, OWL, rounding every method to one pruned count) is
 ``prune.allocation``; this module measures what it needs on the model through the Lab (curves,
@@ -41,11 +44,9 @@ from prune.allocation import (
     GreedyPlan,
     curves_from_points,
     greedy_plan,
-    outlier_ratio,
-    owl_allocation,
+    layer_outlier_ratios,
     with_owl_offsets,
 )
-from prune.masks import wanda_scores
 from prune.paths import data_dir
 from prune.progress import Progress, scaled, silent
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
@@ -72,24 +73,17 @@ def curves_from_study(result: StudyResult) -> dict[str, Curve]:
 def shapes(lab: Lab) -> dict[str, tuple[int, int]]:
     """Each role's matrix shape (rows, cols): the same in every layer."""
     lm = lab.loaded
-    return {r: tuple(lm.roles.targets[(0, r)].weight(lm.model).shape) for r in lm.roles.roles}
+    return lm.roles.shapes(lm.model)
 
 
 @torch.no_grad()
 def outlier_ratios(lab: Lab, calibration: CalibrationSpec, m: float = OWL_M) -> list[float]:
     """Per decoder layer: the fraction of its Wanda scores above m x their mean (dense weights,
-    statistics of the cached calibration pass, so OWL costs no extra forward pass)."""
-    roles = lab.loaded.roles
+    statistics of the cached calibration pass, so OWL costs no extra forward pass): what the
+    pruner computes for ``layer_schedule="owl"``."""
     stats = lab.statistics(calibration)
     with lab.dense() as model:
-        ratios = []
-        for layer in range(roles.num_layers):
-            scores = []
-            for role in roles.roles:
-                target = roles.targets[(layer, role)]
-                scores.append(wanda_scores(target.weight(model), stats.sq_norms[target.module]).flatten())
-            ratios.append(outlier_ratio(torch.cat(scores), m))
-    return ratios
+        return layer_outlier_ratios(model, lab.loaded.roles, stats, m)
 
 
 def held_out_refine(lab: Lab, dataset: str, seqlen: int, windows: int) -> Refine:
@@ -246,8 +240,11 @@ def compare(
         stats_mode="cached",
         calibration=calibration,
         evaluation=EvalSpec((dataset,), eval_seqlen, windows),
+        owl_m=outlier_m,
+        owl_lambda=lam,
     )
-    state = _load_rows(out, dataclasses.asdict(calibration), dataset, windows, eval_seqlen)
+    owl = {"mapping": "published", "m": outlier_m, "lambda": lam}
+    state = _load_rows(out, dataclasses.asdict(calibration), dataset, windows, eval_seqlen, owl)
     rows = state["rows"]
     held_out = held_out_refine(lab, select, eval_seqlen, select_windows) if refine else None
 
@@ -261,7 +258,7 @@ def compare(
         for target in targets:
             if all(done(target, method) for method in _ORDER):
                 continue  # resumed: this target is complete
-            for allocation in _allocations(lab, target, study, ratios, bounds, lam, held_out, base, log):
+            for allocation in _allocations(lab, target, study, bounds, held_out, base, log):
                 if done(target, allocation.method):
                     continue
                 low = curves_share + measured * share
@@ -296,13 +293,15 @@ def _curves(lab, out, curves, grid, select, windows, eval_seqlen, calibration, p
     )
 
 
-def _allocations(lab, target, study, ratios, bounds, lam, held_out, base, log) -> list[Allocation]:
-    """The four methods of one target, in the order of ``_ORDER``."""
-    shape = shapes(lab)
+def _allocations(lab, target, study, bounds, held_out, base, log) -> list[Allocation]:
+    """The four methods of one target, in the order of ``_ORDER``. The OWL rows are recipes with
+    ``layer_schedule="owl"`` (M and lambda from ``base``): the pruner adds OWL's layer offsets at
+    the pruned count of the same recipe without them."""
     uniform = Allocation("uniform", target, {"all": target})
-    owl = owl_allocation(shape, target, ratios, lam)
+    owl = Allocation("owl", target, {"all": target}, schedule="owl")
     allocator = allocate(lab, target, study, bounds=bounds, refine=held_out, base=base, log=log)
-    return [uniform, owl, allocator, with_owl_offsets(allocator, shape, ratios, lam)]
+    with_owl = dataclasses.replace(allocator, method="allocator+owl", schedule="owl")
+    return [uniform, owl, allocator, with_owl]
 
 
 def _evaluate(lab: Lab, allocation: Allocation, base: Recipe, progress: Progress, log: Log) -> dict:
@@ -338,8 +337,14 @@ def _evaluate(lab: Lab, allocation: Allocation, base: Recipe, progress: Progress
     return row
 
 
-def _load_rows(out: Path, calibration: dict, dataset, windows, seqlen) -> dict:
-    settings = {"calibration": calibration, "dataset": dataset, "windows": windows, "eval_seqlen": seqlen}
+def _load_rows(out: Path, calibration: dict, dataset, windows, seqlen, owl: dict) -> dict:
+    settings = {
+        "calibration": calibration,
+        "dataset": dataset,
+        "windows": windows,
+        "eval_seqlen": seqlen,
+        "owl": owl,
+    }
     path = out / "allocation.json"
     if path.exists():
         data = json.loads(path.read_text())
@@ -393,7 +398,7 @@ def allocation_markdown(rows, settings: dict, select: str, study: StudyResult) -
         f"{cal['nsamples']} x {cal['seqlen']} {cal['source']} (seed {cal['seed']}), one cached pass; every "
         "method prunes the same number of weights. Allocator curves: "
         f"{Path(study.settings.dataset).name} ({study.settings.windows} windows); "
-        f"refinement on {Path(select).name}.",
+        f"refinement on {Path(select).name}.{_owl_note(settings)}",
         "",
         "| target | method | perplexity | vs uniform | pruned weights | " + " | ".join(roles) + " |",
         "|---|---|---|---|---|" + "---|" * len(roles),
@@ -412,6 +417,15 @@ def allocation_markdown(rows, settings: dict, select: str, study: StudyResult) -
             f"Dense perplexity: {rows[0]['dense_perplexity']:.3f}. Role columns: achieved sparsity (%).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _owl_note(settings: dict) -> str:
+    owl = settings.get("owl")
+    if not owl:
+        return ""
+    return (
+        f" OWL rows: layer_schedule owl ({owl['mapping']} mapping, M = {owl['m']:g}, λ = {owl['lambda']:g})."
+    )
 
 
 _ORDER = {"uniform": 0, "owl": 1, "allocator": 2, "allocator+owl": 3}

@@ -73,8 +73,9 @@ class Lab:
         self._state_key: Hashable | None = None  # who the applied masks belong to, if anyone said
 
     @classmethod
-    def open(cls, recipe: Recipe, progress: Progress = silent) -> Lab:
-        """Load the recipe's model (its revision, dtype, device and trust setting)."""
+    def open(cls, recipe: Recipe, progress: Progress = silent, token: bool | str | None = None) -> Lab:
+        """Load the recipe's model (its revision, dtype, device and trust setting); ``token=False``
+        never sends the host's Hugging Face token."""
         loaded = load(
             recipe.model,
             revision=recipe.revision,
@@ -82,6 +83,7 @@ class Lab:
             device=recipe.device,
             trust_remote_code=recipe.trust_remote_code,
             progress=lambda message: progress(Event("load", 0.0, message)),
+            token=token,
         )
         return cls(loaded)
 
@@ -92,6 +94,7 @@ class Lab:
             "name": lm.name,
             "source": lm.source,
             "architecture": lm.roles.model_type,
+            "roles_note": lm.roles.note,  # e.g. roles found by module names (model_type not in the table)
             "layers": lm.roles.num_layers,
             "parameters": lm.num_parameters(),
             "role_parameters": lm.roles.param_counts(lm.model),
@@ -169,7 +172,7 @@ class Lab:
         With ``key`` (a session's state) the model stays in that state until a job needs another,
         and a later switch to the same key copies nothing."""
         with self.lock:
-            previous, previous_key = self.pruner.masks, self._state_key
+            previous, previous_values, previous_key = self.pruner.masks, self.pruner.values, self._state_key
             same = self.holds(key) or masks is previous or (not masks and not previous)
             if not same:
                 self.pruner.apply(masks)
@@ -178,7 +181,7 @@ class Lab:
                 yield self.loaded.model
             finally:
                 if not same and key is None:
-                    self.pruner.apply(previous)
+                    self.pruner.apply(previous, previous_values)
                     self._state_key = previous_key
 
     def dense(self):

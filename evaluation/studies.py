@@ -64,6 +64,7 @@ class StudySettings:
     calibration: CalibrationSpec = field(default_factory=default_calibration)
     tasks: list[str] = field(default_factory=list)  # downstream only: lm-eval task names
     limit: int | None = None  # downstream only: examples per task
+    method: str = "wanda"  # any row of prune.methods.METHODS (older folders hold Wanda points)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,6 +215,7 @@ def recipe_for(lab: Lab, settings: StudySettings, sparsity: dict[str, float]) ->
     """Every point: cached statistics of the same calibration set, the same evaluation."""
     return Recipe(
         model=lab.loaded.name,
+        method=settings.method,
         sparsity=dict(sparsity),
         stats_mode="cached",
         calibration=settings.calibration,
@@ -366,6 +368,7 @@ def run_study(
     calibration: CalibrationSpec | None = None,
     tasks: list[str] | None = None,
     limit: int | None = None,
+    method: str = "wanda",
     fresh: bool = False,
     plots: bool = True,
 ) -> StudyResult:
@@ -378,9 +381,9 @@ def run_study(
     The model is dense again when the study returns.
     """
     start = time.perf_counter()
-    settings = StudySettings(
-        kind, dataset, windows, eval_seqlen, calibration or default_calibration(), list(tasks or []), limit
-    )
+    calibration = calibration or default_calibration()
+    tasks = list(tasks or [])
+    settings = StudySettings(kind, dataset, windows, eval_seqlen, calibration, tasks, limit, method)
     if settings.tasks and kind != "downstream":
         raise StudyError("tasks are scored in the downstream study only")
     if settings.tasks and not tasks_available():
@@ -462,7 +465,8 @@ def summary_markdown(result: StudyResult) -> str:
         "",
         f"- Evaluation: {s.dataset}, {windows} of {s.eval_seqlen} tokens"
         + (f"; tasks {', '.join(s.tasks)} (limit {s.limit})" if s.tasks else ""),
-        f"- Calibration: {cal.nsamples} x {cal.seqlen} tokens of {cal.source} (seed {cal.seed}), "
+        f"- Method: {s.method}; calibration: {cal.nsamples} x {cal.seqlen} tokens of {cal.source} "
+        f"(seed {cal.seed}), "
         "one dense pass, statistics cached for every point",
         f"- Points: {len(result.points)}; dense perplexity {result.points[0].dense_perplexity:.3f}"
         if result.points

@@ -9,9 +9,13 @@ that measure curves and ratios on a model and refine on held-out text live in
   (log-perplexity increments are taken as additive; looking ahead along each curve makes the greedy
   exact for that model). ``GreedyPlan.line`` gives the refinement's candidates between uniform and
   the greedy allocation.
-- ``owl_sparsities``: Outlier-Weighted Layerwise sparsity (Yin et al., 2023). Per layer, the outlier
-  ratio (``outlier_ratio``) is the fraction of Wanda scores above M x the layer's mean score (M = 5);
-  layers with more outliers are pruned less, within [S - lambda, S + lambda] (lambda = 0.08).
+- OWL, Outlier-Weighted Layerwise sparsity (Yin et al., 2023). Per layer, the outlier ratio
+  (``outlier_ratio``, ``layer_outlier_ratios``) is the fraction of its Wanda scores (all roles of the
+  layer together, dense weights) above M x their mean (M = 5); layers with more outliers are pruned
+  less. ``owl_published`` is OWL's own mapping (the ratios min-max scaled to a 2 lambda wide range,
+  re-centred on the mean sparsity; lambda = 0.08); ``owl_sparsities`` is the mean-band variant that
+  keeps every layer inside [S - lambda, S + lambda]. ``schedule_per_layer`` composes either with
+  per-role sparsities at the exact pruned count of the recipe without it (``Recipe.layer_schedule``).
 - ``quantize``: every allocation is rounded to whole weights per row (Wanda prunes ``int(in * s)``
   per row) and to the uniform recipe's exact count, so all methods remove the same number of
   weights (to within one row of the smallest matrix).
@@ -28,10 +32,9 @@ from typing import Protocol
 import torch
 
 from prune.errors import LabError
-from prune.recipe import Recipe
+from prune.masks import wanda_scores
+from prune.recipe import OWL_LAMBDA, OWL_M, Recipe
 
-OWL_M = 5.0
-OWL_LAMBDA = 0.08
 BOUNDS = (0.0, 0.9)
 ALPHAS = (0.5, 1.0, 1.5)  # how far from uniform towards the greedy allocation the refinement tries
 
@@ -143,11 +146,42 @@ def outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
     return float((flat > m * flat.mean()).float().mean())
 
 
+@torch.no_grad()
+def layer_outlier_ratios(model, roles, stats, m: float = OWL_M) -> list[float]:
+    """Per decoder layer, the outlier ratio of all its roles' Wanda scores together (``model`` dense,
+    ``stats`` its calibration statistics, ``roles`` a ``prune.roles.RoleMap``), as OWL computes it."""
+    ratios = []
+    for layer in range(roles.num_layers):
+        scores = [
+            wanda_scores(piece.weight(model), stats.sq_norms[piece.stats_key]).flatten()
+            for role in roles.roles
+            if (target := roles.targets.get((layer, role))) is not None
+            for piece in target.pieces()
+        ]
+        ratios.append(outlier_ratio(torch.cat(scores), m))
+    return ratios
+
+
+def owl_published(ratios: Sequence[float], target: float, lam: float = OWL_LAMBDA) -> list[float]:
+    """OWL's published mapping (their code): ``r = (D - min D) / (max D - min D) * 2 lam``, layer
+    density ``r - mean(r) + (1 - target)``, so sparsity ``target - (r - mean(r))``: more outliers,
+    less pruning; the mean is exactly ``target``; max - min is exactly 2 lam. The values lie in
+    [target - lam, target + lam] only when the scaled ratios' mean is mid-range (symmetric ratios);
+    one layer far from the others can sit up to 2 lam from the target. Not clipped to [0, 1]."""
+    low, high = min(ratios), max(ratios)
+    if high == low:
+        return [target] * len(ratios)
+    scaled = [(d - low) / (high - low) * 2 * lam for d in ratios]
+    mean = sum(scaled) / len(scaled)
+    return [target - (r - mean) for r in scaled]
+
+
 def owl_sparsities(
     ratios: Sequence[float], target: float, lam: float = OWL_LAMBDA, weights: Sequence[float] | None = None
 ) -> list[float]:
-    """Layer sparsities: more outliers, less pruning; all within [target - lam, target + lam]; their
-    mean weighted by ``weights`` (the layers' sizes) is exactly ``target``.
+    """The mean-band variant (``layer_schedule="owl-band"``). Layer sparsities: more outliers, less
+    pruning; all within [target - lam, target + lam]; their mean weighted by ``weights`` (the layers'
+    sizes) is exactly ``target``.
 
     OWL maps the ratios min-max onto a band 2 lam wide and re-centres it on the target; here the
     ratios are centred on their weighted mean and scaled so the farthest layer sits at lam, which
@@ -160,6 +194,58 @@ def owl_sparsities(
         return [target] * len(ratios)
     lam = min(lam, target, 1.0 - target)
     return [target - lam * (r - mean) / spread for r in ratios]
+
+
+def schedule_per_layer(
+    recipe: Recipe,
+    ratios: Sequence[float],
+    shapes: Mapping[tuple[int, str], tuple[int, int]],
+    per_row: bool = True,
+) -> dict[int, dict[str, float]]:
+    """The per-layer sparsities a recipe's layer schedule gives ({} for "uniform"), pruning exactly
+    the count the recipe prunes without it (to within one row of its smallest matrix).
+
+    ``ratios``: every layer's outlier ratio; ``shapes``: (layer, role) -> (rows, cols) of the model's
+    matrices. The schedule covers the layers the recipe prunes that ``per_layer`` does not name
+    (explicit entries win; layers outside ``recipe.layers`` stay dense). Each such layer gets the
+    offset ``delta_l = OWL_l - S`` (S: the role-weighted mean sparsity of those layers, OWL_l from
+    ``owl_published`` or, for "owl-band", ``owl_sparsities``), added to every role the recipe
+    prunes there (a role at 0 stays 0) and clipped to [0, 1]; then every (layer, role) is rounded to
+    whole weights per row and to the recipe's count (``quantize``). ``per_row=False``: a method with
+    one threshold per matrix, which prunes int(rows x cols x s)."""
+    if recipe.layer_schedule == "uniform":
+        return {}
+    base: dict[int, dict[str, float]] = {}
+    for layer, role in sorted(shapes):
+        if layer not in recipe.per_layer:
+            base.setdefault(layer, {})[role] = recipe.sparsity_for(layer, role)
+    base = {layer: row for layer, row in base.items() if any(s > 0 for s in row.values())}
+    if len(base) < 2:
+        return {}
+    size = {key: rows * cols for key, (rows, cols) in shapes.items()}
+    weights = [sum(size[(layer, r)] for r in row) for layer, row in base.items()]
+    target = sum(size[(layer, r)] * s for layer, row in base.items() for r, s in row.items()) / sum(weights)
+    chosen = [ratios[layer] for layer in base]
+    if recipe.layer_schedule == "owl":
+        layer_s = owl_published(chosen, target, recipe.owl_lambda)
+    else:
+        layer_s = owl_sparsities(chosen, target, recipe.owl_lambda, weights)
+
+    def pruned(key: tuple[int, str], s: float) -> int:
+        rows, cols = shapes[key]
+        return rows * int(cols * s) if per_row else int(rows * cols * s)
+
+    count = sum(pruned((layer, r), s) for layer, row in base.items() for r, s in row.items())
+    cells = [
+        Cell((layer, r), *shapes[(layer, r)], 1, min(max(s + ls - target, 0.0), 1.0))
+        for (layer, row), ls in zip(base.items(), layer_s, strict=True)
+        for r, s in row.items()
+        if s > 0
+    ]
+    table = {layer: dict.fromkeys(row, 0.0) for layer, row in base.items()}
+    for (layer, r), s in quantize(cells, count).items():
+        table[layer][r] = s if int(shapes[(layer, r)][1] * s) > 0 else 0.0
+    return table
 
 
 # ----- quantizing to whole weights per row, at one exact count -------------------------------------
@@ -240,14 +326,19 @@ class Allocation:
     predicted_cost: float | None = None  # sum of per-role log(ppl/dense) from the curves
     alpha: float | None = None  # the refinement's choice (0: uniform, 1: the greedy allocation)
     trials: list[dict] = field(default_factory=list)  # the refinement's held-out evaluations
+    schedule: str = "uniform"  # the recipe's layer_schedule ("owl": the pruner adds OWL's offsets)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def recipe(self, base: Recipe) -> Recipe:
-        """``base`` (calibration, evaluation, model) with this allocation's sparsities."""
+        """``base`` (calibration, evaluation, model, OWL's M and lambda) with this allocation's
+        sparsities and layer schedule."""
         return dataclasses.replace(
-            base, sparsity=dict(self.sparsity), per_layer={k: dict(v) for k, v in self.per_layer.items()}
+            base,
+            sparsity=dict(self.sparsity),
+            per_layer={k: dict(v) for k, v in self.per_layer.items()},
+            layer_schedule=self.schedule,
         )
 
 
@@ -306,7 +397,8 @@ def greedy_plan(
 def owl_allocation(
     shape: Shape, target: float, ratios: Sequence[float], lam: float = OWL_LAMBDA
 ) -> Allocation:
-    """OWL's layer sparsities (every role of a layer alike), rounded to uniform's count."""
+    """The mean-band variant's layer sparsities (every role of a layer alike) as explicit per-layer
+    tables, rounded to uniform's count. (``Recipe(layer_schedule="owl")`` is OWL's own mapping.)"""
     layers = len(ratios)
     layer_s = owl_sparsities(ratios, target, lam)
     table = {i: dict.fromkeys(shape, s) for i, s in enumerate(layer_s)}
@@ -317,7 +409,8 @@ def owl_allocation(
 def with_owl_offsets(
     allocation: Allocation, shape: Shape, ratios: Sequence[float], lam: float = OWL_LAMBDA
 ) -> Allocation:
-    """The allocator's per-role sparsities plus OWL's per-layer offsets, at the same count."""
+    """The allocator's per-role sparsities plus the mean-band variant's per-layer offsets as explicit
+    per-layer tables, at the same count."""
     layers = len(ratios)
     offsets = [s - allocation.target for s in owl_sparsities(ratios, allocation.target, lam)]
     table = {i: {r: allocation.sparsity[r] + off for r in shape} for i, off in enumerate(offsets)}

@@ -11,7 +11,8 @@ from torch import nn
 
 from prune.roles import RoleMap
 
-Masks = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> bool (out, in), True = pruned
+Masks = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> bool (rows, in), True = pruned
+Values = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> the weights a method rewrote (SparseGPT)
 
 
 class DenseWeights:
@@ -23,8 +24,8 @@ class DenseWeights:
 
     def __init__(self, model: nn.Module, roles: RoleMap):
         self.model = model
-        names = [n for layer in range(roles.num_layers) for n in roles.modules_in_layer(layer)]
-        params = [model.get_submodule(n).weight.data for n in names]
+        names = [n for layer in range(roles.num_layers) for n in roles.params_in_layer(layer)]
+        params = [model.get_parameter(n).data for n in names]  # full parameter names
         self.device = _snapshot_device(params)
         pin = self.device.type == "cpu" and params[0].device.type == "cuda"
         self.weights = {}
@@ -35,7 +36,7 @@ class DenseWeights:
     def restore(self, names: list[str] | None = None) -> None:
         """Copy the dense values back, bitwise."""
         for name in names if names is not None else self.weights:
-            self.model.get_submodule(name).weight.data.copy_(self.weights[name], non_blocking=True)
+            self.model.get_parameter(name).data.copy_(self.weights[name], non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
@@ -59,12 +60,39 @@ def snapshot_place(dense: DenseWeights | None, model_device: torch.device) -> st
     return "cpu" if model_device.type == "cpu" else "the GPU if it has room, else the CPU"
 
 
-def apply_masks(model: nn.Module, roles: RoleMap, masks: Masks) -> None:
-    """Zero the masked weights in place (through views, so fused matrices keep other rows)."""
+def apply_masks(model: nn.Module, roles: RoleMap, masks: Masks, values: Values | None = None) -> None:
+    """Zero the masked weights in place (through views, so fused matrices keep other rows); where
+    a method updated the kept weights too (``values``, zeros included), write those instead."""
     for key, mask in masks.items():
-        weight = roles.targets[key].weight(model)
-        weight.masked_fill_(mask.to(weight.device), 0)
+        views = roles.targets[key].views(model)
+        if values and key in values:
+            for weight, value in zip(views, split_like(views, values[key]), strict=True):
+                weight.copy_(value.to(weight.device, weight.dtype))
+        else:
+            for weight, part in zip(views, split_like(views, mask), strict=True):
+                weight.masked_fill_(part.to(weight.device), 0)
+
+
+def split_like(views: list[torch.Tensor], tensor: torch.Tensor) -> list[torch.Tensor]:
+    """A role's 2D mask (or values) shaped like each of its views: (rows, in) -> (heads, head_dim,
+    in) or (experts, rows, in); a role over several matrices is cut in their order."""
+    if len(views) == 1:
+        return [tensor.reshape(views[0].shape)]
+    flat, pieces, start = tensor.reshape(-1), [], 0
+    for view in views:
+        pieces.append(flat[start : start + view.numel()].reshape(view.shape))
+        start += view.numel()
+    return pieces
+
+
+def join_masks(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of ``split_like`` for a role over several matrices: their 2D masks stacked by
+    rows when they have the same width (gate, up), else flattened into one row (down)."""
+    if len({p.shape[-1] for p in pieces}) == 1:
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in pieces])
+    return torch.cat([p.reshape(-1) for p in pieces]).reshape(1, -1)
 
 
 def touched_modules(roles: RoleMap, masks: Masks) -> list[str]:
-    return list(dict.fromkeys(roles.targets[key].module for key in masks))
+    """Full names of the parameters the masks touch (what ``DenseWeights.restore`` copies back)."""
+    return list(dict.fromkeys(name for key in masks for name in roles.targets[key].param_names()))

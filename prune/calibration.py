@@ -14,6 +14,7 @@ import torch
 
 from prune.data import DataError, TextSource, load_file, load_texts
 from prune.errors import LabError
+from prune.progress import checkpoint
 from prune.recipe import CalibrationSpec
 
 
@@ -30,6 +31,7 @@ def _c4_windows(texts: list[str], tokenizer, spec: CalibrationSpec) -> torch.Ten
     for _ in range(spec.nsamples):
         while True:
             attempts += 1
+            checkpoint()  # a cancelled job (or one past its time limit) stops here
             if attempts > 200 * spec.nsamples + len(texts):
                 raise CalibrationError(
                     f"too few C4 documents longer than {spec.seqlen} tokens for "
@@ -56,9 +58,22 @@ def _stream_windows(ids: torch.Tensor, spec: CalibrationSpec, what: str) -> torc
     random.seed(spec.seed)
     samples = []
     for _ in range(spec.nsamples):
+        checkpoint()
         start = random.randint(0, ids.shape[0] - spec.seqlen - 1)
         samples.append(ids[start : start + spec.seqlen])
     return torch.stack(samples)
+
+
+def _cancel_criteria():
+    """A stopping criterion that raises ``Cancelled`` when the job running this thread is cancelled."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CheckCancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            checkpoint()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([CheckCancel()])
 
 
 @torch.no_grad()
@@ -71,6 +86,7 @@ def _generated(model, tokenizer, spec: CalibrationSpec, batch_size: int) -> torc
     rows = []
     try:
         for first in range(0, spec.nsamples, batch_size):
+            checkpoint()
             n = min(batch_size, spec.nsamples - first)
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
             out = model.generate(
@@ -82,6 +98,7 @@ def _generated(model, tokenizer, spec: CalibrationSpec, batch_size: int) -> torc
                 min_new_tokens=spec.seqlen - 1,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                stopping_criteria=_cancel_criteria(),
             )
             rows.append(out[:, : spec.seqlen].cpu())
     finally:

@@ -11,8 +11,9 @@ import torch
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * ||X_j||_2, in fp32. ``input_sq_norm`` holds the squared input norm per column."""
-    return weight.abs().float() * input_sq_norm.float().sqrt().reshape(1, -1)
+    """|W_ij| * ||X_j||_2, in fp32. ``input_sq_norm`` holds the squared input norm per column: (in,)
+    for a (..., in) weight, or (experts, in) for an (experts, rows, in) MoE view (per expert)."""
+    return weight.abs().float() * input_sq_norm.float().sqrt().unsqueeze(-2)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -25,42 +25,37 @@ Scores = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (weight 
 class Method:
     name: str
     label: str  # what the app's dropdown shows
-    scores: Scores
-    per_row: bool  # compare within each output row (else one threshold per matrix)
-    needs_statistics: bool  # needs calibration activations
+    scores: Scores | None  # None: the method chooses its mask while it solves (SparseGPT)
+    per_row: bool  # compare within each output row (else one threshold per matrix or block)
+    statistics: str | None  # calibration statistics it needs: "norms", "hessian" or None
     supports_nm: bool
     supports_variant: bool  # Wanda's cumulative-sum threshold (use_variant)
+    changes_weights: bool = False  # updates the weights it keeps, not just zeros (SparseGPT)
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.statistics is not None
+
+
+def _magnitude(weight: torch.Tensor, _sq_norm: torch.Tensor | None) -> torch.Tensor:
+    return magnitude_scores(weight)
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        Method("wanda", "Wanda (|W| x input norm, per output row)", wanda_scores, True, "norms", True, True),
+        Method("magnitude", "Magnitude (one threshold per matrix)", _magnitude, False, None, True, False),
+        Method("magnitude-row", "Magnitude per output row", _magnitude, True, None, True, False),
         Method(
-            "wanda",
-            "Wanda (|W| x input norm, per output row)",
-            wanda_scores,
-            per_row=True,
-            needs_statistics=True,
-            supports_nm=True,
-            supports_variant=True,
-        ),
-        Method(
-            "magnitude",
-            "Magnitude (one threshold per matrix)",
-            lambda weight, _norms: magnitude_scores(weight),
-            per_row=False,
-            needs_statistics=False,
-            supports_nm=True,
-            supports_variant=False,
-        ),
-        Method(
-            "magnitude-row",
-            "Magnitude per output row",
-            lambda weight, _norms: magnitude_scores(weight),
-            per_row=True,
-            needs_statistics=False,
-            supports_nm=True,
-            supports_variant=False,
+            "sparsegpt",
+            "SparseGPT (inverse-Hessian weight updates, adaptive mask per 128 columns)",
+            None,
+            False,
+            "hessian",
+            True,
+            False,
+            changes_weights=True,
         ),
     )
 }
@@ -80,8 +75,9 @@ def method_mask(
     nm: tuple[int, int] | None = None,
     use_variant: bool = False,
 ) -> torch.Tensor:
-    """The mask one (out, in) weight gets under a method and structure (True = pruned)."""
+    """The mask one (out, in) weight gets under a scoring method and structure (True = pruned)."""
     scores = m.scores(weight, sq_norm)
+    scores = scores.reshape(-1, scores.shape[-1])  # views (heads, head_dim, in), (experts, rows, in)
     if nm is not None:
         return nm_mask(scores, *nm)
     if not m.per_row:

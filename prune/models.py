@@ -190,7 +190,10 @@ def load(
     device: str = "auto",
     trust_remote_code: bool = False,
     progress: Progress = lambda message: None,
+    token: bool | str | None = None,
 ) -> LoadedModel:
+    """``token=False`` never sends a Hugging Face token (a web visitor's own hub id, say);
+    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
@@ -201,6 +204,8 @@ def load(
         source = name
     progress(f"Loading {name} ({torch_dtype}, {target_device})...")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if token is not None:
+        kwargs["token"] = token
     local = Path(source).expanduser().is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

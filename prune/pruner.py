@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from prune import calibration
-from prune.apply import DenseWeights, Masks, apply_masks, touched_modules
+from prune.allocation import layer_outlier_ratios, schedule_per_layer
+from prune.apply import DenseWeights, Masks, Values, apply_masks, join_masks, touched_modules
+from prune.cache import LRU, cap_folder
 from prune.masks import mask_from_ranks, row_ranks
 from prune.methods import method_mask
 from prune.models import LoadedModel
@@ -25,6 +29,7 @@ from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.report import SparsityReport, sparsity_report
 from prune.roles import ROLES
+from prune.sparsegpt import sparsegpt_prune
 from prune.stats import ActivationStats, dense_pass, sequential_pass
 
 
@@ -33,6 +38,7 @@ class PruneResult:
     recipe: Recipe
     report: SparsityReport
     masks: Masks
+    values: Values  # the rewritten weights of a method that changes them (SparseGPT), else {}
     timings: dict[str, float]
     stats_source: str  # "sequential", "cached: memory", "cached: disk", "cached: computed", "none"
     calibration_passes: int  # forward passes over the calibration set this run needed
@@ -58,13 +64,16 @@ class Pruner:
         self.batch_size = batch_size or (8 if loaded.device.type == "cuda" else 1)
         self.dense: DenseWeights | None = None
         self.masks: Masks = {}  # what is applied to the model now
+        self.values: Values = {}  # and the weights a method rewrote, for switching back to them
         self.calibration_passes = 0  # forward passes over calibration sets, ever
-        self._ids: dict[str, torch.Tensor] = {}
-        self._stats: dict[str, ActivationStats] = {}
+        # Bounded LRUs (prune.cache: entries and bytes, set by the host), not ever-growing dicts.
+        self._ids: LRU = LRU()  # calibration spec key -> ids
+        self._stats: LRU = LRU()  # statistics key -> ActivationStats
         # Row ranks of dense scores per (stats key, method): re-pruning is then one comparison
         # per weight. Kept on CPU only, where kthvalue is the bottleneck (2 bytes per weight).
-        self._ranks: dict[tuple[str, str], dict[tuple[int, str], torch.Tensor]] = {}
+        self._ranks: LRU = LRU()  # (stats key, method) -> {(layer, role): ranks}
         self.use_ranks = loaded.device.type == "cpu"
+        self._unreached: dict[str, list[int]] = {}  # this run's MoE experts calibration never reached
 
     # ----- calibration and statistics -----------------------------------------------------------
     def seqlen_for(self, requested: int) -> int:
@@ -73,17 +82,13 @@ class Pruner:
 
     def calibration_ids(self, spec: CalibrationSpec) -> torch.Tensor:
         """The calibration tokens of a spec (its seqlen capped at the model's context), memoized.
-        Generated calibration samples the dense model; the current masks are put back after."""
+        Generated calibration samples the dense model; the current state is put back after."""
         spec = dataclasses.replace(spec, seqlen=self.seqlen_for(spec.seqlen))
         if spec.key() not in self._ids:
-            masks = self.masks
-            self.restore()
-            try:
+            with self._dense():
                 self._ids[spec.key()] = calibration.calibration_ids(
                     spec, self.loaded.tokenizer, self.loaded.model, self.batch_size
                 )
-            finally:
-                self.apply(masks)
         return self._ids[spec.key()]
 
     def _stats_key(self, ids: torch.Tensor) -> str:
@@ -92,25 +97,23 @@ class Pruner:
         return hashlib.sha1(text.encode()).hexdigest()[:20]
 
     def cached_statistics(
-        self, ids: torch.Tensor, progress: Progress = silent
+        self, ids: torch.Tensor, progress: Progress = silent, kind: str = "norms"
     ) -> tuple[ActivationStats, str]:
-        """Dense statistics for these ids: from memory, from disk, or one calibration pass (on the
-        dense model; the current masks are put back after)."""
-        key = self._stats_key(ids)
+        """Dense statistics (``kind``: norms or hessian) for these ids: from memory, from disk
+        (norms only; Hessians are large), or one calibration pass on the dense model."""
+        key = self._stats_key(ids) + ("" if kind == "norms" else f":{kind}")
         if key in self._stats:
             return self._stats[key], "cached: memory"
         path = cache_dir("stats") / f"{key}.safetensors"
-        if path.exists():
+        if kind == "norms" and path.exists():
             stats, source = ActivationStats.load(path, self.loaded.device), "cached: disk"
         else:
-            masks = self.masks
-            self.restore()
-            try:
-                stats = dense_pass(self.loaded.model, self.loaded.roles, ids, self.batch_size, progress)
-            finally:
-                self.apply(masks)
+            with self._dense():
+                stats = dense_pass(self.loaded.model, self.loaded.roles, ids, self.batch_size, progress, kind)
             self.calibration_passes += 1
-            stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
+            if kind == "norms":
+                stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
+            cap_folder(path.parent)  # the disk cache stays under its cap (oldest files go first)
             source = "cached: computed"
         self._stats[key] = stats
         return stats, source
@@ -118,26 +121,39 @@ class Pruner:
     # ----- masks --------------------------------------------------------------------------------
     def _layer_masks(
         self, recipe: Recipe, layer: int, stats: ActivationStats | None, ranks: dict | None = None
-    ) -> Masks:
-        """Masks of one layer; ``ranks`` (from ``_rank_cache``) only when the weights are dense."""
+    ) -> tuple[Masks, Values]:
+        """Masks of one layer (and the rewritten weights, for a method that changes them);
+        ``ranks`` (from ``_rank_cache``) only when the weights are dense."""
         model, roles, spec = self.loaded.model, self.loaded.roles, recipe.method_spec
-        masks = {}
+        if stats is not None:  # MoE experts no calibration token reached (scored by magnitude)
+            self._unreached.update(stats.unreached_experts(roles.experts_in_layer(layer)))
+        masks, values = {}, {}
         for role in roles.roles:
             sparsity = recipe.sparsity_for(layer, role)
             if sparsity <= 0:
                 continue
-            target = roles.targets[(layer, role)]
-            sq_norm = stats.sq_norms[target.module] if stats is not None else None
-            weight = target.weight(model)
-            if ranks is None:
-                masks[(layer, role)] = method_mask(
-                    spec, weight, sq_norm, sparsity, recipe.nm, recipe.use_variant
-                )
+            key, target = (layer, role), roles.targets[(layer, role)]
+            if target.parts:  # a role over several matrices (Qwen2-MoE's shared expert): one mask each
+                norms = [stats.sq_norms[p.stats_key] if stats is not None else None for p in target.parts]
+                args = (sparsity, recipe.nm, recipe.use_variant)
+                pieces = zip(target.views(model), norms, strict=True)
+                masks[key] = join_masks([method_mask(spec, w, n, *args) for w, n in pieces])
                 continue
-            if (layer, role) not in ranks:
-                ranks[(layer, role)] = row_ranks(spec.scores(weight, sq_norm))
-            masks[(layer, role)] = mask_from_ranks(ranks[(layer, role)], sparsity)
-        return masks
+            weight = target.weight(model)
+            if spec.changes_weights:  # solved on (rows, in); apply_masks writes it back through the view
+                hinv, dead = stats.inverse(target.module)
+                flat = weight.reshape(-1, weight.shape[-1])
+                new, masks[key] = sparsegpt_prune(flat, hinv, dead, sparsity, recipe.nm)
+                values[key] = new.to(weight.dtype)
+                continue
+            sq_norm = stats.sq_norms[target.stats_key] if stats is not None else None
+            if ranks is None:
+                masks[key] = method_mask(spec, weight, sq_norm, sparsity, recipe.nm, recipe.use_variant)
+                continue
+            if key not in ranks:
+                ranks[key] = row_ranks(spec.scores(weight, sq_norm).reshape(-1, weight.shape[-1]))
+            masks[key] = mask_from_ranks(ranks[key], sparsity)
+        return masks, values
 
     def _rank_cache(self, recipe: Recipe, stats_key: str) -> dict | None:
         """Row ranks of the dense scores for (statistics, method), where masks can come from them."""
@@ -160,13 +176,16 @@ class Pruner:
         bad_layers = [layer for layer in recipe.per_layer if not 0 <= layer < roles.num_layers]
         if bad_layers:
             raise RecipeError(f"per_layer names layers {bad_layers}; the model has {roles.num_layers}")
+        experts = any(p.experts for _, _, t in roles.items() for p in t.pieces())
+        if recipe.method_spec.changes_weights and experts:
+            raise RecipeError(f"{recipe.method} does not support mixture-of-experts models yet")
         if recipe.nm:
             m = recipe.nm[1]
             for layer, role, target in roles.items():
                 if recipe.sparsity_for(layer, role) > 0:
-                    width = target.weight(self.loaded.model).shape[1]
-                    if width % m:
-                        raise RecipeError(f"{role} has {width} input columns, not divisible by M={m}")
+                    for width in {view.shape[-1] for view in target.views(self.loaded.model)}:
+                        if width % m:
+                            raise RecipeError(f"{role} has {width} input columns, not divisible by M={m}")
 
     # ----- the run ------------------------------------------------------------------------------
     def prune(
@@ -174,22 +193,25 @@ class Pruner:
     ) -> PruneResult:
         """Restore the dense model, then prune it in place as the recipe says."""
         self._check(recipe)
+        self._unreached = {}
         self.restore()
         timings: dict[str, float] = {}
         start = time.perf_counter()
         passes_before = self.calibration_passes
+        recipe = self._scheduled(recipe, ids, timings, progress)  # OWL: per_layer written out
         calib_info: dict = {}
-        roles = self.loaded.roles
+        roles, spec = self.loaded.roles, recipe.method_spec
         wanted = [
             layer
             for layer in range(roles.num_layers)
             if any(recipe.sparsity_for(layer, r) > 0 for r in roles.roles)
         ]
+        masks: Masks = {}
+        values: Values = {}
         if not recipe.needs_statistics or not wanted:
-            masks: Masks = {}
             ranks = self._rank_cache(recipe, "")  # scores from the weights alone
             for layer in wanted:
-                masks.update(self._layer_masks(recipe, layer, None, ranks))
+                masks.update(self._layer_masks(recipe, layer, None, ranks)[0])
             source = "none"
         else:
             t = time.perf_counter()
@@ -206,48 +228,81 @@ class Pruner:
             }
             if recipe.stats_mode == "cached":
                 t = time.perf_counter()
-                stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9))
+                stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9), spec.statistics)
                 timings["statistics_s"] = time.perf_counter() - t
-                masks = {}
                 t = time.perf_counter()
                 ranks = self._rank_cache(recipe, self._stats_key(ids))
-                for layer in wanted:
-                    masks.update(self._layer_masks(recipe, layer, stats, ranks))
+                for done, layer in enumerate(wanted, 1):
+                    layer_masks, layer_values = self._layer_masks(recipe, layer, stats, ranks)
+                    masks.update(layer_masks)
+                    values.update(layer_values)
+                    if spec.changes_weights:  # solves take seconds a layer: say where they are
+                        progress(Event("prune", 0.9 + 0.1 * done / len(wanted), f"solving layer {layer}"))
                 timings["masks_s"] = time.perf_counter() - t
             else:
-                masks = self._sequential(recipe, ids, wanted[-1], progress)  # applied layer by layer
+                masks, values = self._sequential(recipe, ids, wanted[-1], progress)  # applied as it goes
                 source = "sequential"
                 self.calibration_passes += 1
         t = time.perf_counter()
         if source != "sequential":
-            self.apply(masks)
+            self.apply(masks, values)
         timings["apply_s"] = time.perf_counter() - t
+        if self._unreached:
+            calib_info["unreached_experts"] = dict(self._unreached)
         report = sparsity_report(self.loaded.model, roles, masks, recipe.sparsity_for)
         timings["total_s"] = time.perf_counter() - start
         progress(Event("prune", 1.0, "pruned"))
-        return PruneResult(
-            recipe, report, masks, timings, source, self.calibration_passes - passes_before, calib_info
-        )
+        passes = self.calibration_passes - passes_before
+        return PruneResult(recipe, report, masks, values, timings, source, passes, calib_info)
 
-    def _sequential(self, recipe: Recipe, ids: torch.Tensor, last_layer: int, progress: Progress) -> Masks:
+    def _scheduled(
+        self, recipe: Recipe, ids: torch.Tensor | None, timings: dict, progress: Progress
+    ) -> Recipe:
+        """The recipe with its layer schedule written out as per_layer sparsities (the model is
+        dense here). OWL's outlier ratios come from the dense statistics of the recipe's calibration
+        (one cached pass, shared with cached pruning; in sequential mode an extra dense pass, as OWL
+        computes them); ``schedule_per_layer`` keeps the pruned count of the recipe without it."""
+        lm = self.loaded
+        if recipe.layer_schedule == "uniform" or all(
+            i in recipe.per_layer for i in range(lm.roles.num_layers)
+        ):
+            return recipe
+        t = time.perf_counter()
+        if ids is None:
+            ids = self.calibration_ids(recipe.calibration)
+        stats, _ = self.cached_statistics(ids, scaled(progress, 0.0, 0.2, "outlier ratios"))
+        ratios = layer_outlier_ratios(lm.model, lm.roles, stats, recipe.owl_m)
+        shapes = {
+            (layer, role): target.shape(lm.model) for layer, role, target in lm.roles.items()
+        }  # rows, in
+        table = schedule_per_layer(recipe, ratios, shapes, recipe.method_spec.per_row)
+        timings["schedule_s"] = time.perf_counter() - t
+        return dataclasses.replace(recipe, per_layer={**recipe.per_layer, **table})
+
+    def _sequential(
+        self, recipe: Recipe, ids: torch.Tensor, last_layer: int, progress: Progress
+    ) -> tuple[Masks, Values]:
         """The reference procedure; a failure halfway leaves the model dense, bitwise."""
         self._ensure_snapshot()
         masks: Masks = {}
+        values: Values = {}
         model, roles = self.loaded.model, self.loaded.roles
 
         def prune_layer(layer: int, stats: ActivationStats) -> bool:
-            layer_masks = self._layer_masks(recipe, layer, stats)
+            layer_masks, layer_values = self._layer_masks(recipe, layer, stats)
             masks.update(layer_masks)
-            apply_masks(model, roles, layer_masks)
+            values.update(layer_values)
+            apply_masks(model, roles, layer_masks, layer_values)
             return bool(layer_masks)
 
-        self.masks = masks  # grows layer by layer, so restore() knows what was touched
+        self.masks, self.values = masks, values  # grow layer by layer: restore() knows what was touched
+        kind = recipe.method_spec.statistics
         try:
-            sequential_pass(model, roles, ids, self.batch_size, prune_layer, last_layer, progress)
+            sequential_pass(model, roles, ids, self.batch_size, prune_layer, last_layer, progress, kind)
         except BaseException:
             self.restore()
             raise
-        return masks
+        return masks, values
 
     # ----- reversibility ------------------------------------------------------------------------
     def _ensure_snapshot(self) -> None:
@@ -258,18 +313,29 @@ class Pruner:
         """Back to the dense model, bitwise; only the matrices the masks touched are copied."""
         if self.dense is not None and self.masks:
             self.dense.restore(touched_modules(self.loaded.roles, self.masks))
-        self.masks = {}
+        self.masks, self.values = {}, {}
 
-    def apply(self, masks: Masks) -> None:
+    def apply(self, masks: Masks, values: Values | None = None) -> None:
         """Switch to another pruned state (e.g. another session's) without recomputing it. Atomic:
         a failure halfway (out of memory, say) restores every matrix it may have touched."""
         self.restore()
         if not masks:
             return
         self._ensure_snapshot()
-        self.masks = masks
+        self.masks, self.values = masks, dict(values or {})
         try:
-            apply_masks(self.loaded.model, self.loaded.roles, masks)
+            apply_masks(self.loaded.model, self.loaded.roles, masks, values)
         except BaseException:
             self.restore()
             raise
+
+    @contextmanager
+    def _dense(self) -> Iterator[None]:
+        """The dense model for a calibration step, then the current state again (the Lab's lock
+        is held by whoever called)."""
+        masks, values = self.masks, self.values
+        self.restore()
+        try:
+            yield
+        finally:
+            self.apply(masks, values)

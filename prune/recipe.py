@@ -19,6 +19,11 @@ from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 
 STATS_MODES = ("sequential", "cached")
 CALIBRATION_SOURCES = ("c4", "wikitext2", "generated", "file")
+# How the budget is spread over layers: "uniform" (every layer alike), "owl" (OWL's published mapping
+# of the layers' outlier ratios, Yin et al. 2023), "owl-band" (the mean-band variant of OWL)
+LAYER_SCHEDULES = ("uniform", "owl", "owl-band")
+OWL_M = 5.0  # OWL: a Wanda score above M x its layer's mean score is an outlier
+OWL_LAMBDA = 0.08  # OWL: layer sparsities spread over 2 lambda around the mean
 
 
 class FrozenDict(dict):
@@ -104,6 +109,11 @@ class Recipe:
     sparsity: Mapping[str, float] = field(default_factory=FrozenDict)
     layers: tuple[int, int] | None = None  # [start, end): only these decoder layers are pruned
     per_layer: Mapping[int, Mapping[str, float]] = field(default_factory=FrozenDict)  # layer -> role -> s
+    # per-layer offsets from outlier ratios (see prune.allocation.schedule_per_layer); the pruner
+    # writes them out as per_layer entries for the pruned layers that per_layer does not name
+    layer_schedule: str = "uniform"
+    owl_m: float = OWL_M
+    owl_lambda: float = OWL_LAMBDA
     stats_mode: str = "sequential"
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
@@ -141,8 +151,27 @@ class Recipe:
             ):
                 raise RecipeError(f"layers must be [start, end) with 0 <= start < end; got {list(layers)}")
             _set(self, "layers", layers)
+        self._check_schedule()
         if not isinstance(self.calibration, CalibrationSpec) or not isinstance(self.evaluation, EvalSpec):
             raise RecipeError("calibration and evaluation must be CalibrationSpec and EvalSpec")
+
+    def _check_schedule(self) -> None:
+        if self.layer_schedule not in LAYER_SCHEDULES:
+            raise RecipeError(
+                f"unknown layer schedule {self.layer_schedule!r}; choose one of {', '.join(LAYER_SCHEDULES)}"
+            )
+        for name, low, high in (("owl_m", 0.0, None), ("owl_lambda", 0.0, 0.5)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or value < low or (high is None and value <= low) or (high and value > high):
+                bound = f"in [{low:g}, {high:g}]" if high else f"above {low:g}"
+                raise RecipeError(f"{name} must be a number {bound}; got {value!r}")
+            _set(self, name, float(value))
+        if self.layer_schedule != "uniform" and self.nm:
+            raise RecipeError(
+                f"layer schedule {self.layer_schedule!r} is for unstructured sparsity; "
+                f"{self.structure} prunes the same N:M pattern in every layer"
+            )
 
     # ----- the sparsity one (layer, role) gets ---------------------------------------------
     def sparsity_for(self, layer: int, role: str) -> float:

@@ -57,10 +57,10 @@ class SparsityReport:
 
 def sparsity_report(model: nn.Module, roles: RoleMap, masks: Masks, requested) -> SparsityReport:
     """``requested(layer, role)`` gives the asked-for sparsity; counts come from the masks."""
-    layer_counts = roles.layer_param_counts(model)
     table = {role: RoleReport(0, 0, 0.0) for role in roles.roles}
     per_layer, pruned_per_layer = [], []
     for layer in range(roles.num_layers):
+        layer_counts = roles.layer_param_counts(model, layer)  # MoE models may mix dense layers
         row, layer_pruned = {}, 0
         for role in roles.roles:
             params = layer_counts[role]

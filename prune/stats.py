@@ -1,4 +1,5 @@
-"""Calibration statistics: the squared input norm of every column of every pruned matrix.
+"""Calibration statistics of every pruned matrix's input: the squared norm of each column (Wanda)
+or the Hessian ``2/n sum x x^T`` (SparseGPT; linears that read the same input share one).
 
 Two ways to get them:
 - ``sequential_pass``: the reference procedure. Layer by layer, statistics come from one pass of
@@ -19,6 +20,9 @@ from torch import nn
 
 from prune.progress import Event, Progress, silent
 from prune.roles import RoleMap
+from prune.sparsegpt import RunningHessian, inverse_hessian
+
+KINDS = ("norms", "hessian")
 
 
 class RunningNorm:
@@ -44,15 +48,34 @@ class RunningNorm:
 
 @dataclass
 class ActivationStats:
-    """Module name -> mean squared L2 norm of each input column (fp32)."""
+    """Module name -> mean squared L2 norm of each input column (fp32), or -> the input Hessian
+    (one tensor object shared by the modules that read the same input)."""
 
     sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     nsamples: int = 0
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    _inverses: dict = field(default_factory=dict, repr=False, compare=False)
+    # fused-experts module -> calibration tokens routed to each expert (MoE; see ExpertNorms)
+    expert_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def unreached_experts(self, modules: list[str] | None = None) -> dict[str, list[int]]:
+        """Experts no calibration token reached, per fused-experts module (scored by magnitude)."""
+        names = self.expert_tokens if modules is None else [m for m in modules if m in self.expert_tokens]
+        found = {name: (self.expert_tokens[name] == 0).nonzero().flatten().tolist() for name in names}
+        return {name: experts for name, experts in found.items() if experts}
+
+    def inverse(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseGPT's inverse-Hessian factor and dead columns, computed once per shared Hessian."""
+        hessian = self.hessians[module]
+        if id(hessian) not in self._inverses:
+            self._inverses[id(hessian)] = inverse_hessian(hessian)
+        return self._inverses[id(hessian)]
 
     def save(self, path: Path, metadata: dict[str, str]) -> None:
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.sq_norms.items()}
+        tensors.update({f"tokens:{name}": t.detach().cpu() for name, t in self.expert_tokens.items()})
         save_file(tensors, str(path), metadata={**metadata, "nsamples": str(self.nsamples)})
 
     @classmethod
@@ -61,8 +84,9 @@ class ActivationStats:
 
         with safe_open(str(path), framework="pt") as f:
             nsamples = int(f.metadata()["nsamples"])
-            norms = {name: f.get_tensor(name).to(device) for name in f.keys()}
-        return cls(norms, nsamples)
+            norms = {name: f.get_tensor(name).to(device) for name in f.keys() if ":" not in name}
+            tokens = {n.split(":", 1)[1]: f.get_tensor(n) for n in f.keys() if n.startswith("tokens:")}
+        return cls(norms, nsamples, expert_tokens=tokens)
 
 
 def _in_features(module: nn.Module) -> int:
@@ -70,14 +94,111 @@ def _in_features(module: nn.Module) -> int:
     return weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1]
 
 
-def _watch(model: nn.Module, names: list[str]) -> tuple[dict[str, RunningNorm], list]:
+def _watch(model: nn.Module, names: list[str], kind: str) -> tuple[dict, list]:
+    """Hooks that accumulate each module's input statistics. A Hessian is shared by modules that
+    receive the very same input tensor one after the other (q, k, v; gate, up): it is added once."""
+    stats, owner, handles = {}, {}, []
+    last: dict = {"input": None, "owner": None}  # holding the tensor keeps its identity unique
+    for name in names:
+        module = model.get_submodule(name)
+        columns, device = _in_features(module), module.weight.device
+
+        def hook(_m, inp, _out, name=name, columns=columns, device=device):
+            x = inp[0]
+            if name not in owner:  # the first batch decides who shares
+                if kind == "hessian" and x is last["input"]:
+                    owner[name] = last["owner"]
+                    stats[name] = stats[owner[name]]
+                else:
+                    owner[name] = name
+                    stats[name] = _accumulator(kind, columns, device)
+            if owner[name] == name:
+                stats[name].add(x.detach())
+            last["input"], last["owner"] = x, owner[name]
+
+        handles.append(module.register_forward_hook(hook))
+    return stats, handles
+
+
+def _accumulator(kind: str, columns: int, device: torch.device) -> RunningNorm | RunningHessian:
+    return RunningHessian(columns, device) if kind == "hessian" else RunningNorm(columns, device)
+
+
+def _collected(stats: dict, kind: str, nsamples: int) -> ActivationStats:
+    if kind == "hessian":
+        return ActivationStats(nsamples=nsamples, hessians={n: acc.hessian for n, acc in stats.items()})
+    return ActivationStats({n: acc.sq_norm for n, acc in stats.items()}, nsamples)
+
+
+class ExpertNorms:
+    """Per-expert input statistics of one fused-experts module (Mixtral, Qwen2/3-MoE, OLMoE), from
+    the tokens the router sends to each expert: for ``gate_up_proj`` the squared norm of each hidden
+    column, for ``down_proj`` that of ``act(gate) * up`` recomputed per expert, summed over the
+    expert's tokens and divided by the number of calibration sequences (like ``RunningNorm``), shaped
+    (experts, in) so Wanda's scores broadcast per expert over (experts, rows, in).
+
+    Experts that no calibration token reaches get norms of ones: Wanda then ranks their weights by
+    magnitude. They still get the role's sparsity (every expert row is pruned like any other row),
+    because the router may send them tokens at inference; leaving them dense would break the per-role
+    budget, and all-zero norms would tie every score and prune by column index. Which experts these
+    are is reported (``ActivationStats.unreached_experts``, the result's calibration info).
+    """
+
+    def __init__(self, module: nn.Module):
+        experts, rows, hidden = module.gate_up_proj.shape
+        device = module.gate_up_proj.device
+        self.gate_up = torch.zeros(experts, hidden, dtype=torch.float32, device=device)
+        self.down = torch.zeros(experts, module.down_proj.shape[-1], dtype=torch.float32, device=device)
+        self.tokens = torch.zeros(experts, dtype=torch.int64)
+
+    def add(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index = top_k_index.reshape(hidden.shape[0], -1)
+        for expert in range(self.tokens.numel()):
+            rows = (index == expert).any(dim=-1).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            x = hidden[rows]
+            self.tokens[expert] += rows.numel()
+            self.gate_up[expert] += x.float().pow(2).sum(dim=0)
+            gate_up = nn.functional.linear(x, module.gate_up_proj[expert])
+            if hasattr(module, "_apply_gate"):  # transformers' own gating of the fused output
+                inner = module._apply_gate(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                inner = module.act_fn(gate) * up
+            self.down[expert] += inner.float().pow(2).sum(dim=0)
+
+    def collected(self, name: str, nsamples: int) -> dict[str, torch.Tensor]:
+        unreached = (self.tokens == 0).to(self.gate_up.device)
+        norms = {}
+        for param, total in (("gate_up_proj", self.gate_up), ("down_proj", self.down)):
+            norms[f"{name}.{param}"] = torch.where(unreached[:, None], 1.0, total / max(nsamples, 1))
+        return norms
+
+
+def _watch_experts(model: nn.Module, names: list[str]) -> tuple[dict[str, ExpertNorms], list]:
+    """Hooks on fused-experts modules; their forward gets (hidden_states, top_k_index, weights)."""
     norms, handles = {}, []
     for name in names:
         module = model.get_submodule(name)
-        norm = RunningNorm(_in_features(module), module.weight.device)
-        handles.append(module.register_forward_hook(lambda _m, inp, _out, n=norm: n.add(inp[0].detach())))
+        norm = ExpertNorms(module)
+
+        def hook(m, args, kwargs, norm=norm):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            norm.add(m, hidden.detach(), index)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         norms[name] = norm
     return norms, handles
+
+
+def _with_experts(stats: ActivationStats, experts: dict[str, ExpertNorms]) -> ActivationStats:
+    for name, norm in experts.items():
+        stats.sq_norms.update(norm.collected(name, stats.nsamples))
+        stats.expert_tokens[name] = norm.tokens
+    return stats
 
 
 class _Stop(Exception):
@@ -90,11 +211,20 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def dense_pass(
-    model: nn.Module, roles: RoleMap, ids: torch.Tensor, batch_size: int, progress: Progress = silent
+    model: nn.Module,
+    roles: RoleMap,
+    ids: torch.Tensor,
+    batch_size: int,
+    progress: Progress = silent,
+    kind: str = "norms",
 ) -> ActivationStats:
-    """Statistics of every pruned matrix from one dense pass; stops before the LM head."""
+    """Statistics (``kind``: norms or hessian) of every pruned matrix from one dense pass; stops
+    before the LM head."""
     names = [n for layer in range(roles.num_layers) for n in roles.modules_in_layer(layer)]
-    norms, handles = _watch(model, names)
+    stats, handles = _watch(model, names, kind)
+    experts_names = [n for layer in range(roles.num_layers) for n in roles.experts_in_layer(layer)]
+    experts, more = _watch_experts(model, experts_names if kind == "norms" else [])
+    handles += more
 
     def stop(*_):
         raise _Stop
@@ -120,7 +250,7 @@ def dense_pass(
     finally:
         for h in handles:
             h.remove()
-    return ActivationStats({n: r.sq_norm for n, r in norms.items()}, ids.shape[0])
+    return _with_experts(_collected(stats, kind, ids.shape[0]), experts)
 
 
 @torch.no_grad()
@@ -164,21 +294,25 @@ def sequential_pass(
     prune_layer: Callable[[int, ActivationStats], bool],
     last_layer: int | None = None,
     progress: Progress = silent,
+    kind: str = "norms",
 ) -> None:
-    """Wanda's layer-by-layer procedure. ``prune_layer(i, stats)`` prunes layer i in place and
-    says whether it changed anything; only then is the layer re-run for the next one's inputs.
+    """The references' layer-by-layer procedure (Wanda and SparseGPT alike). ``prune_layer(i,
+    stats)`` prunes layer i in place and says whether it changed anything; only then is the layer
+    re-run for the next one's inputs.
     Layers after ``last_layer`` (the last one with anything to prune) are not visited."""
     layers = roles.layers(model)
     last = len(layers) - 1 if last_layer is None else last_layer
     calls = _layer_inputs(model, layers[0], ids, batch_size)
     for i, layer in enumerate(layers[: last + 1]):
-        norms, handles = _watch(model, roles.modules_in_layer(i))
+        accumulators, handles = _watch(model, roles.modules_in_layer(i), kind)
+        experts, more = _watch_experts(model, roles.experts_in_layer(i) if kind == "norms" else [])
+        handles += more
         try:
             outputs = [_run_layer(layer, *call) for call in calls]
         finally:
             for h in handles:
                 h.remove()
-        stats = ActivationStats({n: r.sq_norm for n, r in norms.items()}, ids.shape[0])
+        stats = _with_experts(_collected(accumulators, kind, ids.shape[0]), experts)
         if prune_layer(i, stats):
             outputs = [_run_layer(layer, *call) for call in calls]
         calls = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs, strict=True)]

@@ -48,7 +48,7 @@ class AppServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-_server: AppServer | None = None
+_servers: dict[tuple[str, ...], AppServer] = {}
 
 
 def free_port() -> int:
@@ -70,11 +70,11 @@ def app_env(root: Path) -> dict[str, str]:
     return env
 
 
-def start() -> AppServer:
-    """Start the app (once per test process) and wait until it answers."""
-    global _server
-    if _server is not None and _server.alive():
-        return _server
+def start(extra: list[str] | tuple[str, ...] = ()) -> AppServer:
+    """Start the app (once per test process and set of extra flags) and wait until it answers."""
+    key = tuple(extra)
+    if key in _servers and _servers[key].alive():
+        return _servers[key]
     root = Path(tempfile.mkdtemp(prefix="pruning-lab-app-"))
     env = app_env(root)
     port = free_port()
@@ -87,6 +87,7 @@ def start() -> AppServer:
         str(port),
         "--device",
         "cpu",
+        *extra,
     ]
     if env.get("PRUNING_LAB_DATA"):
         args += ["--data-dir", env["PRUNING_LAB_DATA"]]
@@ -101,7 +102,7 @@ def start() -> AppServer:
         try:
             with urllib.request.urlopen(server.url, timeout=5) as response:
                 if response.status == 200:
-                    _server = server
+                    _servers[key] = server
                     return server
         except OSError:
             time.sleep(1)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import ARCHS, random_ids, tiny_model
+from tiny import ARCHS, NO_GATE, random_ids, tiny_model
 
 from prune.models import ModelLoadError, load
 from prune.pruner import Pruner
@@ -25,14 +25,15 @@ def zeros_per_row(weight: torch.Tensor) -> torch.Tensor:
 def test_role_map_covers_every_matrix_once(arch):
     lm = tiny_model(arch)
     roles = lm.roles
-    expected = ROLES if arch not in ("phi", "gpt2", "opt") else ("q", "k", "v", "o", "up", "down")
+    expected = ROLES if arch not in NO_GATE else ("q", "k", "v", "o", "up", "down")
     assert roles.roles == expected
     # every role's rows together cover each role-holding matrix exactly once
     covered: dict[str, int] = {}
     for _, _, t in roles.items():
-        covered[t.module] = covered.get(t.module, 0) + t.weight(lm.model).numel()
+        for part, view in zip(t.pieces(), t.views(lm.model), strict=True):
+            covered[part.name] = covered.get(part.name, 0) + view.numel()
     for name, count in covered.items():
-        assert count == lm.model.get_submodule(name).weight.numel(), name
+        assert count == lm.model.get_parameter(name).numel(), name
     assert sum(roles.param_counts(lm.model).values()) == sum(covered.values())
 
 
@@ -45,11 +46,15 @@ def test_wanda_per_role_sparsity_is_exact_and_reversible(arch):
     if "gate" in lm.roles.roles:
         asked["gate"] = 0.4
     result = pruner.prune(Recipe(model=arch, sparsity=asked), ids=random_ids())
+    pruned = dict.fromkeys(lm.roles.roles, 0)
     for layer, role, target in lm.roles.items():
-        weight = target.weight(lm.model)
-        want = int(weight.shape[1] * asked[role])
-        assert (zeros_per_row(weight) == want).all(), (arch, layer, role)
-        assert result.report.roles[role].sparsity == pytest.approx(want / weight.shape[1])
+        for view in target.views(lm.model):  # (rows, in), or (heads | experts, rows, in) views
+            weight = view.reshape(-1, view.shape[-1])
+            want = int(weight.shape[1] * asked[role])
+            assert (zeros_per_row(weight) == want).all(), (arch, layer, role)
+            pruned[role] += want * weight.shape[0]
+    for role, count in lm.roles.param_counts(lm.model).items():
+        assert result.report.roles[role].sparsity == pytest.approx(pruned[role] / count)
         assert result.report.roles[role].requested == pytest.approx(asked[role])
     o_name = lm.roles.targets[(0, "o")].module + ".weight"
     assert torch.equal(dict(lm.model.named_parameters())[o_name], dense[o_name])  # o=0 stays dense
@@ -206,7 +211,7 @@ def test_a_role_beats_its_group_and_all():
         (lambda: Recipe(structure="4:4"), "0 < N < M"),
         (lambda: Recipe(structure="5:4"), "0 < N < M"),
         (lambda: Recipe(structure="two:four"), "N:M"),
-        (lambda: Recipe(method="sparsegpt"), "unknown method"),
+        (lambda: Recipe(method="obc"), "unknown method"),
         (lambda: Recipe(layers=[5, 2]), "layers"),
         (lambda: Recipe(method="magnitude", use_variant=True), "use_variant"),
         (lambda: Recipe.from_dict({"modle": "x"}), "unknown recipe fields: modle"),
@@ -272,11 +277,14 @@ def test_a_failure_while_applying_masks_leaves_the_dense_weights_bitwise(monkeyp
 def test_the_method_table_drives_validation_and_masks():
     from prune.methods import METHODS, method_mask
 
-    assert list(METHODS) == ["wanda", "magnitude", "magnitude-row"]
+    assert list(METHODS) == ["wanda", "magnitude", "magnitude-row", "sparsegpt"]
+    assert METHODS["sparsegpt"].changes_weights and METHODS["sparsegpt"].statistics == "hessian"
     assert METHODS["wanda"].needs_statistics and not METHODS["magnitude"].needs_statistics
     assert not METHODS["magnitude"].per_row and METHODS["magnitude-row"].per_row
     for name, spec in METHODS.items():
-        assert Recipe(method=name).method_spec is spec
+        assert Recipe(method=name).method_spec is spec and Recipe(method=name).needs_statistics == (
+            spec.statistics is not None
+        )
     weight = torch.tensor([[1.0, -2.0, 3.0, -4.0]])
     assert method_mask(METHODS["magnitude-row"], weight, None, 0.5).tolist() == [[True, True, False, False]]
 

@@ -43,3 +43,24 @@ def test_gpu_bf16_cached_reprune_and_bitwise_restore():
     assert ((q == 0).sum(dim=1) == 16).all()
     pruner.restore()
     assert all(torch.equal(p, dense[n]) for n, p in lm.model.named_parameters())
+
+
+def test_measured_24_on_a_tiny_model_restores_the_weights():
+    from evaluation.speed import measure_24, semi_structured_support
+
+    if not semi_structured_support()[0]:
+        pytest.skip("2:4 kernels need compute capability >= 8.0")
+    lm = on_gpu("llama", torch.float16)
+    pruner = Pruner(lm)
+    pruner.prune(
+        Recipe(sparsity=parse_sparsity("all=0.5"), structure="2:4", stats_mode="cached"), ids=random_ids()
+    )
+    before = {n: p for n, p in lm.model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    result = measure_24(lm.model, lm.roles, prefill=(2, 64), decode_batches=(1, 4), decode_steps=4, repeats=1)
+    assert result.converted > 0 and result.sparse_weight_bytes < result.dense_weight_bytes
+    assert len(result.timings) == 3 and all(p.dense_s > 0 and p.sparse_s > 0 for p in result.timings)
+    assert result.max_logit_error < 0.05
+    after = dict(lm.model.named_parameters())
+    assert all(after[n] is before[n] and torch.equal(after[n], values[n]) for n in before)
+    assert all(isinstance(line, str) for line in result.lines())

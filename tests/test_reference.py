@@ -83,11 +83,11 @@ def test_sequential_wanda_equals_the_paper_procedure(smollm2):
     assert result.report.pruned == sum(int(m.sum()) for m in ours.values())
 
 
-def test_wanda_is_far_better_than_magnitude_at_50_percent(smollm2_lab):
+def test_wanda_and_sparsegpt_are_far_better_than_magnitude_at_50_percent(smollm2_lab):
     lab = smollm2_lab
     spec = CalibrationSpec(source="c4", nsamples=16, seqlen=256, seed=0)
     ppl = {}
-    for method in ("wanda", "magnitude-row", "magnitude"):
+    for method in ("wanda", "magnitude-row", "magnitude", "sparsegpt"):
         recipe = Recipe(
             sparsity=parse_sparsity("all=0.5"), method=method, stats_mode="cached", calibration=spec
         )
@@ -97,6 +97,7 @@ def test_wanda_is_far_better_than_magnitude_at_50_percent(smollm2_lab):
     dense = lab.dense_perplexity("wikitext2", seqlen=512, windows=3).perplexity
     assert dense < ppl["wanda"] < 0.5 * ppl["magnitude-row"], (dense, ppl)
     assert ppl["wanda"] < 0.5 * ppl["magnitude"], ppl
+    assert dense < ppl["sparsegpt"] < 0.5 * ppl["magnitude"], ppl  # issue 11: SparseGPT, same calibration
 
 
 def test_wikitext2_protocol_has_148_windows_of_2048(smollm2):

@@ -119,6 +119,19 @@ def test_owl_weighted_mean_equal_ratios_and_edges():
     assert min(low) >= 0.0 and sum(low) / len(low) == pytest.approx(0.03)
 
 
+def test_the_comparisons_owl_rows_are_recipes_with_owls_published_schedule(monkeypatch):
+    allocator = pa.Allocation("allocator", 0.5, {"q": 0.7, "down": 0.4}, alpha=1.0)
+    monkeypatch.setattr(al, "allocate", lambda *args, **kwargs: allocator)
+    base = Recipe(stats_mode="cached", owl_m=6.0, owl_lambda=0.1)
+    rows = al._allocations(None, 0.5, None, (0.0, 0.9), None, base, print)
+    assert [a.method for a in rows] == ["uniform", "owl", "allocator", "allocator+owl"]
+    recipes = [a.recipe(base) for a in rows]
+    assert [r.layer_schedule for r in recipes] == ["uniform", "owl", "uniform", "owl"]
+    assert recipes[1].sparsity == {"all": 0.5} and recipes[1].per_layer == {}  # the pruner adds OWL
+    assert recipes[3].sparsity == {"q": 0.7, "down": 0.4} and rows[3].alpha == 1.0
+    assert (recipes[1].owl_m, recipes[1].owl_lambda) == (6.0, 0.1)
+
+
 # ----- quantization --------------------------------------------------------------------------------
 def test_quantize_hits_the_count_with_whole_weights_per_row():
     cells = [

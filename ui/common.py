@@ -9,18 +9,21 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
 
-from prune.errors import OutOfMemory, as_lab_error
+from prune.errors import Cancelled, OutOfMemory, as_lab_error
 
 log = logging.getLogger("pruning-lab")
 
-# One heavy job on the model at a time, across every tab and user (one shared queue, so others see
-# their position); light events (readouts, presets) never wait behind it.
-HEAVY = dict(concurrency_limit=1, concurrency_id="model")
+# One heavy job on the model at a time, across every tab and user: ``Engine.heavy`` admits a job
+# at once (or refuses it: one pending job per session, a bounded line) and queues it first come,
+# first served, showing the position; so Gradio itself starts heavy handlers without waiting.
+# Light events (readouts, presets) never wait behind a heavy job.
+HEAVY = dict(concurrency_limit=None)
 LIGHT = dict(concurrency_limit=None, show_progress="hidden")
 
 # Gradio gives each call a fresh tracker in place of this default (blocks.create_tracker), so one
@@ -54,20 +57,44 @@ def no_api(event: dict) -> dict:
 # ----- errors --------------------------------------------------------------------------------------
 # The app must keep serving after a bad model id, a bad value, an empty prompt or running out of
 # memory: every handler is wrapped in ``user_errors``, and the model is left in a known state.
+_PATH = re.compile(
+    r"""(?<![\w.~-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'"`,;:()\[\]{}<>]+[/\\])+([^\s'"`,;:()\[\]{}<>]*)"""
+)
+
+
+def scrub_paths(text: str) -> str:
+    """Absolute server paths in ``text`` -> their last part (``/srv/data/x.txt`` -> ``x.txt``)."""
+    return _PATH.sub(lambda m: m.group(1) or "(folder)", text)
+
+
+def scrub(value):
+    """``scrub_paths`` over every string (and dict key) of a JSON-like value."""
+    if isinstance(value, str):
+        return scrub_paths(value)
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    return value
+
+
 def to_message(err: BaseException) -> gr.Error:
-    """The ``gr.Error`` a person sees for ``err``: a LabError's own words, else a short bug note."""
+    """The ``gr.Error`` a person sees for ``err``: a LabError's own words (no server paths), else a
+    short bug note."""
     if isinstance(err, gr.Error):
-        return err
+        return gr.Error(scrub_paths(str(err.message)), title=err.title, print_exception=False)
     lab_error = as_lab_error(err)  # running out of memory is one (memory is freed first)
     if isinstance(lab_error, OutOfMemory):
         return gr.Error(
             f"{lab_error}. The app is still running.", title="Out of memory", print_exception=False
         )
+    if isinstance(lab_error, Cancelled):
+        return gr.Error(f"Stopped: {scrub_paths(str(lab_error))}.", title="Cancelled", print_exception=False)
     if lab_error is not None:
-        return gr.Error(str(lab_error), print_exception=False)
+        return gr.Error(scrub_paths(str(lab_error)), print_exception=False)
     log.exception("unexpected error in a job", exc_info=err)
     return gr.Error(
-        f"Unexpected error ({type(err).__name__}: {str(err)[:300]}). The app is still running.",
+        f"Unexpected error ({type(err).__name__}: {scrub_paths(str(err))[:300]}). The app is still running.",
         print_exception=False,
     )
 

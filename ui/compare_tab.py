@@ -20,7 +20,7 @@ from evaluation.generate import (
     stream,
 )
 from ui.common import HEAVY, user_errors
-from ui.engine import Engine, Session, run_job
+from ui.engine import Engine, Session
 from ui.recipes import Defaults, recipe_summary
 
 PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # the box refuses more; the token limit is checked too
@@ -55,20 +55,23 @@ def make_generate(engine: Engine):
         chat: bool,
         session: Session,
     ) -> Iterator[list[str]]:
-        lab = engine.require()
         settings = settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat)
         if len(prompt or "") > PROMPT_CHARS:
             raise GenerationError(f"the prompt has {len(prompt):,} characters; the limit is {PROMPT_CHARS:,}")
-        prompt_ids(lab.loaded.tokenizer, prompt, settings)  # empty or too many tokens: a message right away
+        engine.hosting.limits.check_new_tokens(settings.max_new_tokens)
+        engine.touch(session)
+        # empty or too many tokens: a message right away, with the session's own tokenizer
+        prompt_ids(engine.tokenizer(session), prompt, settings)
         engine.check_session(session)
         if session.masks is None:
             raise gr.Error(
                 "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
             )
-        tokenizer = lab.loaded.tokenizer
 
         def work(emit):
             with engine.pruned(session) as pruned:
+                lab = engine.lab
+                tokenizer = lab.loaded.tokenizer
                 with lab.dense() as dense:
                     for text in stream(dense, tokenizer, prompt, settings):
                         emit("dense", text)
@@ -77,7 +80,7 @@ def make_generate(engine: Engine):
 
         note = f"Pruned model: run #{session.runs} of this session ({recipe_summary(session.recipe)})"
         dense, pruned = "", ""
-        for kind, payload in run_job(work):
+        for kind, payload in engine.heavy(session, work):
             if kind == "dense":
                 dense = payload
             elif kind == "pruned":

@@ -14,8 +14,8 @@ import gradio as gr
 
 from evaluation.tasks import ALL7, estimate_seconds, evaluate_recipe_tasks
 from ui import plots
-from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, user_errors
-from ui.engine import Engine, Session, run_job
+from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, scrub, user_errors
+from ui.engine import Engine, Session
 from ui.recipes import Defaults
 
 HEADERS = ["task", "metric", "dense", "pruned", "delta", "n"]
@@ -83,22 +83,23 @@ def make_handlers(engine: Engine):
     ) -> Iterator[list]:
         if not tasks:
             raise gr.Error("Pick at least one task.")
+        engine.hosting.limits.check_tasks(_limit(limit))
+        engine.touch(session)
         engine.check_session(session)
         if session.recipe is None:
             raise gr.Error(
                 "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
             )
-        lab = engine.require()
         recipe = session.recipe
         evaluation = dataclasses.replace(recipe.evaluation, tasks=tuple(tasks), limit=_limit(limit))
         recipe = dataclasses.replace(recipe, evaluation=evaluation)
 
         def work(emit):
             with engine.pruned(session):
-                return evaluate_recipe_tasks(lab, recipe, dense, lambda event: emit("progress", event))
+                return evaluate_recipe_tasks(engine.lab, recipe, dense, lambda event: emit("progress", event))
 
         yield [gr.skip(), gr.skip(), "Waiting for the model ...", gr.skip()]
-        for kind, payload in run_job(work):
+        for kind, payload in engine.heavy(session, work):
             if kind == "progress":
                 progress(payload.fraction, desc=payload.message)
         result = payload
@@ -106,7 +107,8 @@ def make_handlers(engine: Engine):
         status = (
             f"Run #{session.runs}: {len(result['tasks'])} tasks, {scope} per task, {result['seconds']:.0f} s."
         )
-        yield [table(result["rows"]), plots.render(plots.task_bars, result["rows"]), status, result]
+        raw = scrub(result) if engine.hosting.public else result
+        yield [table(result["rows"]), plots.render(plots.task_bars, result["rows"]), status, raw]
 
     return estimate, run_tasks
 

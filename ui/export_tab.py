@@ -3,6 +3,7 @@ the pruned model itself as a zip of a ``save_pretrained`` (safetensors) folder."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import zipfile
@@ -13,7 +14,8 @@ import gradio as gr
 
 from evaluation.lab import versions
 from ui.common import HEAVY, LIGHT, PROGRESS, user_errors
-from ui.engine import Engine, Session, run_job
+from ui.engine import Engine, Session
+from ui.hosting import LimitExceeded, free_disk_mb
 
 
 def _folder(session: Session, what: str) -> Path:
@@ -37,8 +39,8 @@ def cli_markdown(session: Session) -> str:
     note = ""
     if uploads:
         note = (
-            "\n\nThe recipe names uploaded files by their path on this server "
-            f"({', '.join(Path(p).name for p in uploads)}): copy them along and edit the paths."
+            "\n\nThe recipe names uploaded files by their file name "
+            f"({', '.join(Path(p).name for p in uploads)}): copy them next to the recipe."
         )
     return (
         f"Reproduce run #{session.runs} from a terminal:\n\n"
@@ -52,8 +54,9 @@ def make_handlers(engine: Engine):
     @user_errors
     def export_recipe(session: Session) -> list:
         _require_run(session)
+        engine.touch(session)
         folder = _folder(session, "recipe")
-        recipe = session.recipe
+        recipe = shareable_recipe(session.recipe)
         (folder / "recipe.json").write_text(recipe.to_json())
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
         return [
@@ -66,7 +69,7 @@ def make_handlers(engine: Engine):
     def export_model(session: Session, progress=PROGRESS) -> Iterator[list]:
         _require_run(session)
         engine.check_session(session)
-        lab = engine.require()
+        check_free_disk(engine, session)
         folder = _folder(session, "model")
         name = f"{Path(session.recipe.model).name}-pruned-run{session.runs}"
         target = folder / name
@@ -75,8 +78,8 @@ def make_handlers(engine: Engine):
             with engine.pruned(session) as model:
                 emit("progress", (0.2, "writing safetensors"))
                 model.save_pretrained(target, safe_serialization=True)
-                lab.loaded.tokenizer.save_pretrained(target)
-            session.recipe.save(target / "recipe.json")
+                engine.lab.loaded.tokenizer.save_pretrained(target)
+            shareable_recipe(session.recipe).save(target / "recipe.json")
             summary = {"versions": versions(), **(session.last or {})}
             (target / "pruning_result.json").write_text(json.dumps(summary, indent=2, default=str))
             emit("progress", (0.6, "zipping"))
@@ -88,7 +91,7 @@ def make_handlers(engine: Engine):
             return archive
 
         yield [None, "Saving the pruned model ..."]
-        for kind, payload in run_job(work):
+        for kind, payload in engine.heavy(session, work):
             if kind == "progress":
                 progress(payload[0], desc=payload[1])
         size = payload.stat().st_size / 2**20
@@ -119,4 +122,38 @@ def build(engine: Engine, session: gr.State) -> None:
     recipe_btn.click(
         export_recipe, [session], [recipe_files, recipe_code, cli_md], api_name="export_recipe", **LIGHT
     )
-    model_btn.click(export_model, [session], [model_file, model_md], api_name="export_model", **HEAVY)
+    model_btn.click(export_model, [session], [model_file, model_md], api_name="export_model", **HEAVY).then(
+        lambda s: drop_exports(s, "model"), [session], None, api_name=False, **LIGHT
+    )
+
+
+# ----- hosting: no server paths, bounded disk (issue 9) ---------------------------------------------
+def shareable_recipe(recipe):
+    """The recipe with uploaded files named by their file name, not their path on this server."""
+
+    def name(path: str | None) -> str | None:
+        return Path(path).name if path and Path(path).is_absolute() else path
+
+    calibration = dataclasses.replace(recipe.calibration, path=name(recipe.calibration.path))
+    evaluation = dataclasses.replace(
+        recipe.evaluation, datasets=tuple(name(d) for d in recipe.evaluation.datasets)
+    )
+    return dataclasses.replace(recipe, calibration=calibration, evaluation=evaluation)
+
+
+def check_free_disk(engine: Engine, session: Session) -> None:
+    """An export writes the weights, then a zip of them, and Gradio copies the zip: ask for room
+    for three copies plus the host's margin before writing anything."""
+    weights_mb = engine.info(session)["memory"]["weights_bytes"] / 2**20
+    need = 3 * weights_mb + engine.hosting.export_free_mb
+    free = free_disk_mb(session.folder("model").parent)
+    if free < need:
+        raise LimitExceeded(
+            f"not enough free disk on the server for an export right now ({free:,.0f} MB free, "
+            f"{need:,.0f} MB needed); try again later"
+        )
+
+
+def drop_exports(session: Session, what: str) -> None:
+    """After Gradio has copied the file for download, the session's own copy goes."""
+    shutil.rmtree(session.folder(what), ignore_errors=True)

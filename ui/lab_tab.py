@@ -14,15 +14,18 @@ import gradio as gr
 
 from evaluation.lab import RunResult
 from evaluation.perplexity import dataset_label
+from evaluation.speed import measure_24, semi_structured_support
 from prune.paths import data_dir
 from prune.progress import Event
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 from ui import plots
-from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, user_errors
-from ui.engine import MODEL_CHOICES, Engine, Session, run_job
+from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
+from ui.engine import MODEL_CHOICES, Engine, Session
+from ui.hosting import Limits
 from ui.recipes import (
     CALIBRATION_CHOICES,
     EVAL_CHOICES,
+    LAYER_SCHEDULE_CHOICES,
     METHOD_CHOICES,
     STATS_CHOICES,
     STRUCTURES,
@@ -59,11 +62,11 @@ ROLE_INFO = {
 
 
 # ----- model ---------------------------------------------------------------------------------------
-def model_markdown(engine: Engine) -> str:
-    """Parameters, per-role counts, device, dtype and memory of the loaded model."""
+def model_markdown(engine: Engine, session: Session | None = None) -> str:
+    """Parameters, per-role counts, device, dtype and memory of the session's model."""
     if engine.lab is None:
         return "No model loaded."
-    info = engine.info()
+    info = engine.info(session)
     mem = info["memory"]
     rows = "\n".join(
         f"| {role} | {info['layer_role_parameters'][role] / 1e6:.2f} M | {count / 1e6:.1f} M |"
@@ -72,7 +75,7 @@ def model_markdown(engine: Engine) -> str:
     missing = [r for r in ROLES if r not in info["role_parameters"]]
     absent = f"  \nNo {', '.join(missing)} role in this architecture." if missing else ""
     return (
-        f"**{info['name']}** · {info['architecture']}, {info['layers']} layers · "
+        f"**{engine.hosting.display(info['name'])}** · {info['architecture']}, {info['layers']} layers · "
         f"**{millions(info['parameters'])} parameters** · {info['device']} · {info['dtype']}\n\n"
         f"Memory: weights {mem['weights_bytes'] / 2**30:.2f} GiB on {info['device']} + dense copy "
         f"{mem['dense_copy_bytes'] / 2**30:.2f} GiB ({mem['dense_copy_on']}, makes pruning reversible) + "
@@ -81,22 +84,22 @@ def model_markdown(engine: Engine) -> str:
     )
 
 
-def refresh(engine: Engine) -> list:
-    """Everything that depends on which model is loaded: info, slider visibility, layer range."""
+def refresh(engine: Engine, session: Session | None = None) -> list:
+    """Everything that depends on the session's model: info, slider visibility, layer range."""
     if engine.lab is None:
         return [model_markdown(engine)] + [gr.skip()] * (len(ROLES) + 5)
-    shape = engine.shape()
+    shape = engine.shape(session)
     last = shape.num_layers - 1
     has_attention = any(r in shape.roles for r in ATTENTION_ROLES)
     has_mlp = any(r in shape.roles for r in MLP_ROLES)
     return [
-        model_markdown(engine),
+        model_markdown(engine, session),
         *[gr.Slider(visible=role in shape.roles) for role in ROLES],
         gr.Slider(visible=has_attention),
         gr.Slider(visible=has_mlp),
         gr.Slider(maximum=last, value=0),
         gr.Slider(maximum=last, value=last),
-        gr.Dropdown(value=shape.name),
+        gr.Dropdown(value=engine.hosting.display(shape.name)),
     ]
 
 
@@ -204,31 +207,21 @@ def make_handlers(engine: Engine):
 
     @user_errors
     def load_model(choice: str, custom: str, session: Session, progress=PROGRESS) -> Iterator[list]:
-        name = (custom or "").strip() or (choice or "").strip()
-        skip = [gr.skip()] * (len(ROLES) + 5)
-        yield [f"Loading **{name}** ..."] + skip
-        try:
-            for kind, payload in run_job(lambda emit: engine.load(name, lambda e: emit("progress", e))):
-                if kind == "progress":
-                    progress(0.5, desc=payload.message)
-                    yield [f"Loading **{name}**: {payload.message}"] + skip
-        except Exception:
-            yield refresh(engine)  # the previous model still serves: show it again, then the message
-            raise
-        gr.Info(f"Loaded {name}")
-        yield refresh(engine)
+        yield from switch_model(engine, choice, custom, session, progress)
 
     @user_errors
-    def live_readout(*, calibration_file: str | None = None, eval_file: str | None = None, **values) -> str:
+    def live_readout(
+        session: Session, *, calibration_file: str | None = None, eval_file: str | None = None, **values
+    ) -> str:
         controls = Controls.from_values(
             {**values, "calibration_file": calibration_file, "eval_file": eval_file}
         )
-        shape = engine.shape()
-        return readout(build_recipe(controls, shape), shape, engine.require().loaded.num_parameters())
+        shape = engine.shape(session)
+        return readout(build_recipe(controls, shape), shape, engine.num_parameters(session))
 
     @user_errors
-    def apply_preset(name: str, level: float) -> list:
-        values = preset(name, level, engine.shape())
+    def apply_preset(name: str, level: float, session: Session) -> list:
+        values = preset(name, level, engine.shape(session))
         return [values[role] for role in ROLES]
 
     @user_errors
@@ -243,22 +236,19 @@ def make_handlers(engine: Engine):
         controls = Controls.from_values(
             {**values, "calibration_file": calibration_file, "eval_file": eval_file}
         )
-        lab = engine.require()
-        recipe = build_recipe(controls, engine.shape())
-        if session.masks is not None and session.model_token != engine.token:
-            gr.Warning(
-                f"The lab's model is now {recipe.model}; earlier runs of this session were on another model."
-            )
+        recipe = checked_recipe(engine, session, controls)
         live: dict[str, dict] = {dataset_label(ds): {} for ds in recipe.evaluation.datasets}
         skip = [gr.skip()] * 5
 
         def work(emit):
             result = engine.run(session, recipe, lambda event: emit("progress", event))
-            return result, lab.calibration_passes  # heavy jobs queue one at a time: nothing ran between
+            return result, engine.lab.calibration_passes  # jobs run one at a time: nothing ran between
 
         yield ["Waiting for the model ...", ppl_rows(live)] + skip
-        for kind, payload in run_job(work):
-            if kind == "progress":
+        for kind, payload in engine.heavy(session, work):
+            if kind == "queue":
+                yield [waiting_text(payload), gr.skip()] + skip
+            elif kind == "progress":
                 event: Event = payload
                 progress(event.fraction, desc=event.message)
                 if event.stage == "perplexity" and event.value is not None:
@@ -266,10 +256,12 @@ def make_handlers(engine: Engine):
                     cell[event.which] = event.value
                     cell[f"{event.which}_at"] = f"{event.step}/{event.steps}"
                     yield [f"Evaluating: {event.message}", ppl_rows(live)] + skip
+                elif event.stage == "load":
+                    yield [f"Model: {event.message}", gr.skip()] + skip
                 elif event.fraction <= 0.5:
                     yield [f"Pruning: {event.message}", gr.skip()] + skip
         result, lab_passes = payload
-        summary = run_summary(result, session, lab_passes)
+        summary = visible_summary(engine, run_summary(result, session, lab_passes))
         for ds, pair in result.perplexity.items():
             live[dataset_label(ds)] = {
                 **{which: r.perplexity for which, r in pair.items()},
@@ -296,6 +288,45 @@ def make_handlers(engine: Engine):
     return load_model, live_readout, apply_preset, prune_and_evaluate, clear_history
 
 
+# ----- measured 2:4 ---------------------------------------------------------------------------------
+def speed_note(structure: str):
+    """The line under the structure choice: whether this server can time 2:4 kernels."""
+    if structure == "unstructured":
+        return gr.Markdown(visible=False)
+    ok, why = semi_structured_support()
+    if not ok:
+        text = why
+    elif structure != "2:4":
+        text = "Only 2:4 has sparse GPU kernels; choose 2:4 to measure its speed after the run."
+    else:
+        text = f"2:4 kernels run on this {why}: after the run, press **Measure 2:4 speed** under the results."
+    return gr.Markdown(f"<small>{text}</small>", visible=True)
+
+
+def make_speed_handler(engine: Engine):
+    @user_errors
+    def measure_speed(session: Session) -> Iterator[str]:
+        """Prefill and decode tokens/s and weight memory of this session's 2:4 model, dense format
+        vs 2:4 format, measured now on this GPU."""
+        ok, why = semi_structured_support()
+        if not ok:
+            yield why
+            return
+        yield "Measuring 2:4 speed (dense format, then 2:4 format) ..."
+
+        def work(emit):
+            with engine.pruned(session) as model:
+                return measure_24(model, engine.ensure(session).loaded.roles)
+
+        for kind, payload in engine.heavy(session, work):
+            if kind == "queue":
+                yield f"Waiting for the model ({payload} jobs ahead) ..."
+            elif kind == "done":
+                yield "  \n".join(payload.lines())
+
+    return measure_speed
+
+
 # ----- layout --------------------------------------------------------------------------------------
 def _slider(
     label: str, value: float, visible: bool = True, info: str | None = None, step: float = 1
@@ -306,21 +337,15 @@ def _slider(
 def build(engine: Engine, defaults: Defaults) -> LabTab:
     """Lay out the Prune tab and wire its events."""
     shape = engine.shape()
-    session = gr.State(Session())
+    # A plain function, not the bound method: Gradio deep-copies the page config (with this callback)
+    # for every page view, and a bound method would drag the engine and its model along.
+    session = gr.State(Session(), delete_callback=lambda state: engine.forget(state))
     load_model, live_readout, apply_preset, prune_and_evaluate, clear_history = make_handlers(engine)
+    measure_speed = make_speed_handler(engine)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             gr.Markdown("## 1 · Model")
-            model_choice = gr.Dropdown(
-                MODEL_CHOICES,
-                value=shape.name,
-                label="Model",
-                allow_custom_value=True,
-                info="offline models work without internet; hub ids need access",
-            )
-            model_text = gr.Textbox(
-                label="or any hub id / local folder", placeholder="org/name or /path/to/model"
-            )
+            model_choice, model_text = model_widgets(engine, shape.name)
             load_btn = gr.Button("Load model", variant="secondary")
             model_md = gr.Markdown(model_markdown(engine), elem_classes=["model-info"])
         with gr.Column(scale=3, min_width=480):
@@ -350,6 +375,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
             with gr.Row():
                 method = gr.Dropdown(METHOD_CHOICES, value="wanda", label="Method")
                 structure = gr.Radio(STRUCTURES, value="unstructured", label="Structure")
+            speed_md = gr.Markdown(visible=False, elem_id="speed-note")
             with gr.Row():
                 layer_first = gr.Slider(0, shape.num_layers - 1, value=0, step=1, label="First pruned layer")
                 layer_last = gr.Slider(
@@ -359,6 +385,15 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
                 with gr.Row():
                     calibration = gr.Radio(CALIBRATION_CHOICES, value="c4", label="Calibration data")
                     stats_mode = gr.Radio(STATS_CHOICES, value="cached", label="Statistics")
+                with gr.Row():
+                    layer_schedule = gr.Dropdown(
+                        LAYER_SCHEDULE_CHOICES,
+                        value="uniform",
+                        label="Layer schedule",
+                        info="OWL: same total, fewer pruned in layers with outlier scores (unstructured)",
+                    )
+                    owl_m = gr.Number(5.0, minimum=0, label="OWL M (outlier: score > M x mean)")
+                    owl_lambda = gr.Number(0.08, minimum=0, maximum=0.5, label="OWL λ (layer spread)")
                 with gr.Row():
                     nsamples = gr.Number(
                         defaults.nsamples,
@@ -400,7 +435,12 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
                         file_types=TEXT_FILES,
                         height=130,
                     )
-            run_btn = gr.Button("Prune & evaluate", variant="primary", size="lg", elem_id="prune-button")
+            with gr.Row():
+                run_btn = gr.Button(
+                    "Prune & evaluate", variant="primary", size="lg", elem_id="prune-button", scale=3
+                )
+                cancel_btn = gr.Button("Cancel", variant="stop", size="lg", scale=1, elem_id="cancel-button")
+            limits_markdown(engine)
     gr.Markdown("## 3 · Results")
     status_md = gr.Markdown(
         "Press **Prune & evaluate**: dense and pruned perplexity appear window by window.",
@@ -414,6 +454,9 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         heat_plot = figure_box("Sparsity per layer")
     with gr.Accordion("Raw result (JSON)", open=False):
         result_json = gr.JSON(label="Last run")
+    with gr.Row(visible=semi_structured_support()[0]):
+        speed_btn = gr.Button("Measure 2:4 speed", size="sm", scale=0, min_width=200)
+        speed_result = gr.Markdown(elem_id="speed-result")
     gr.Markdown("## 4 · This session's runs")
     history_table = gr.Dataframe(
         headers=HISTORY_HEADERS, label="History", interactive=False, wrap=True, column_widths=HISTORY_WIDTHS
@@ -434,6 +477,9 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         "seqlen": seqlen,
         "seed": seed,
         "stats_mode": stats_mode,
+        "layer_schedule": layer_schedule,
+        "owl_m": owl_m,
+        "owl_lambda": owl_lambda,
         "eval_datasets": eval_datasets,
         "eval_file": eval_file,
         "eval_windows": eval_windows,
@@ -442,7 +488,12 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     role_sliders = [sliders[r] for r in ROLES]
     refresh_outputs = [model_md, *role_sliders, attention, mlp, layer_first, layer_last, model_choice]
     readout_event = dict(
-        fn=live_readout, inputs_kwargs=controls, outputs=readout_md, api_name="readout", **LIGHT
+        fn=live_readout,
+        inputs=[session],
+        inputs_kwargs=controls,
+        outputs=readout_md,
+        api_name="readout",
+        **LIGHT,
     )
 
     load_btn.click(
@@ -450,14 +501,14 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     ).success(**no_api(readout_event))
     for name, button in preset_buttons.items():
         button.click(
-            partial(apply_preset, name), [master], role_sliders, api_name=f"preset_{name}", **LIGHT
+            partial(apply_preset, name), [master, session], role_sliders, api_name=f"preset_{name}", **LIGHT
         ).then(**no_api(readout_event))
     _group(master, role_sliders + [attention, mlp]).then(**no_api(readout_event))
     _group(attention, [sliders[r] for r in ATTENTION_ROLES]).then(**no_api(readout_event))
     _group(mlp, [sliders[r] for r in MLP_ROLES]).then(**no_api(readout_event))
     triggers = [c.input for c in [*role_sliders, method, structure, layer_first, layer_last]]
     gr.on(triggers, **readout_event)
-    run_btn.click(
+    run_event = run_btn.click(
         prune_and_evaluate,
         inputs=[session],
         inputs_kwargs=controls,
@@ -466,6 +517,9 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         **HEAVY,
     )
     clear_btn.click(clear_history, [session], [history_table, history_fig], api_name="clear_history", **LIGHT)
+    wire_cancel(engine, cancel_btn, session, [run_event])
+    structure.change(speed_note, structure, speed_md, api_name=False, **LIGHT)
+    speed_btn.click(measure_speed, [session], speed_result, api_name="measure_24", **HEAVY)
     return LabTab(session, model_md, sliders, controls, readout_md, refresh_outputs, readout_event)
 
 
@@ -476,6 +530,102 @@ def _group(source: gr.Slider, targets: list[gr.Slider]):
 
 def data_line(engine: Engine) -> str:
     folder = data_dir()
-    data = f"offline data folder `{folder}`" if folder else "datasets from the Hugging Face Hub"
+    if folder and engine.hosting.public:
+        data = "offline data"  # no server paths for visitors
+    else:
+        data = f"offline data folder `{folder}`" if folder else "datasets from the Hugging Face Hub"
     hub = "hub unreachable: offline models and local folders only" if engine.offline else "hub reachable"
     return f"Data: {data} · {hub}"
+
+
+# ----- hosting: session-owned model choice, limits, cancel (issue 9) -------------------------------
+def model_widgets(engine: Engine, current: str) -> tuple[gr.Dropdown, gr.Textbox]:
+    """The model picker: the host's list when public (typed ids only if the host allows them)."""
+    hosting = engine.hosting
+    if not hosting.public:
+        choice = gr.Dropdown(
+            MODEL_CHOICES,
+            value=current,
+            label="Model",
+            allow_custom_value=True,
+            info="offline models work without internet; hub ids need access",
+        )
+        text = gr.Textbox(label="or any hub id / local folder", placeholder="org/name or /path/to/model")
+        return choice, text
+    labels = dict((value, label) for label, value in MODEL_CHOICES)
+    choices = [(labels.get(name, name), name) for name in hosting.allowed()]
+    current = hosting.display(current)
+    choice = gr.Dropdown(
+        choices,
+        value=current if current in hosting.allowed() else choices[0][1],
+        label="Model",
+        allow_custom_value=True,  # anything else gets the one refusal message from Hosting.resolve
+        info="your choice is yours alone: other visitors keep theirs",
+    )
+    text = gr.Textbox(
+        label="or a public hub id (org/name)",
+        placeholder="org/name",
+        visible=hosting.allow_custom,
+    )
+    return choice, text
+
+
+def switch_model(engine: Engine, choice: str, custom: str, session: Session, progress) -> Iterator[list]:
+    """This session's model becomes ``custom or choice`` (checked against the hosting profile); the
+    model is loaded now, as a job, so the page shows it. Nobody else's work changes."""
+    name = (custom or "").strip() or (choice or "").strip()
+    skip = [gr.skip()] * (len(ROLES) + 5)
+    engine.touch(session)
+    previous = (session.model, session.token_ok, session.masks, session.recipe, session.masks_model)
+    wanted = engine.hosting.display(engine.choose(session, name))  # refused at once, one message
+    yield [f"Loading **{wanted}** ..."] + skip
+
+    def work(emit):
+        return engine.ensure(session, lambda e: emit("progress", e))
+
+    try:
+        for kind, payload in engine.heavy(session, work):
+            if kind == "queue":
+                yield [waiting_text(payload)] + skip
+            elif kind == "progress":
+                progress(0.5, desc=payload.message)
+                yield [f"Loading **{wanted}**: {payload.message}"] + skip
+    except Exception:
+        session.model, session.token_ok, session.masks, session.recipe, session.masks_model = previous
+        yield refresh(engine, session) if session.model in (None, *engine._known) else [gr.skip()] + skip
+        raise
+    gr.Info(f"Loaded {wanted} for you in {engine.last_load_s:.1f} s" if engine.swaps else f"Loaded {wanted}")
+    yield refresh(engine, session)
+
+
+def checked_recipe(engine: Engine, session: Session, controls: Controls):
+    """The recipe for this session's model, refused before anything runs when over a limit."""
+    recipe = build_recipe(controls, engine.shape(session))
+    engine.hosting.limits.check_recipe(recipe)
+    return recipe
+
+
+def visible_summary(engine: Engine, summary: dict) -> dict:
+    """The run summary a visitor sees: uploaded files by name, never by their server path."""
+    return scrub(summary) if engine.hosting.public else summary
+
+
+def waiting_text(ahead: int) -> str:
+    return f"Waiting for the model: {ahead} job{'s' if ahead != 1 else ''} ahead of yours ..."
+
+
+def limits_markdown(engine: Engine) -> gr.Markdown:
+    limits: Limits = engine.hosting.limits
+    return gr.Markdown(limits.describe(), elem_id="limits", visible=bool(limits.describe()))
+
+
+def wire_cancel(engine: Engine, button: gr.Button, session: gr.State, events: list) -> None:
+    """The Cancel button stops this session's jobs (the queue lets go within a moment); ``/cancel``
+    does the same for API clients."""
+
+    @user_errors
+    def cancel(session: Session) -> None:
+        count = engine.cancel(session)
+        gr.Info(f"Cancelled {count} job{'s' if count != 1 else ''}." if count else "Nothing to cancel.")
+
+    button.click(cancel, [session], None, api_name="cancel", **LIGHT)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from prune.errors import RecipeError
 from prune.methods import METHODS
-from prune.recipe import CalibrationSpec, EvalSpec, Recipe, parse_nm
+from prune.recipe import OWL_LAMBDA, OWL_M, CalibrationSpec, EvalSpec, Recipe, parse_nm
 from prune.report import planned_counts
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 
@@ -18,6 +18,11 @@ METHOD_CHOICES = [(m.label, m.name) for m in METHODS.values()]
 STRUCTURES = ["unstructured", "2:4", "4:8"]
 CALIBRATION_CHOICES = ["c4", "wikitext2", "generated", "uploaded file"]
 EVAL_CHOICES = ["wikitext2", "c4", "uploaded file"]
+LAYER_SCHEDULE_CHOICES = [
+    ("uniform: every layer alike", "uniform"),
+    ("OWL: fewer pruned where outliers are (published mapping)", "owl"),
+    ("OWL band: mean-band variant", "owl-band"),
+]
 STATS_CHOICES = [
     ("cached: one dense pass, re-pruning is instant", "cached"),
     ("sequential: the paper's layer-by-layer procedure", "sequential"),
@@ -64,6 +69,9 @@ class Controls:
     down: float = 50.0
     method: str = "wanda"
     structure: str = "unstructured"
+    layer_schedule: str = "uniform"
+    owl_m: float = OWL_M
+    owl_lambda: float = OWL_LAMBDA
     layer_first: int = 0
     layer_last: int = -1  # inclusive; -1: the last layer
     calibration: str = "c4"
@@ -124,6 +132,13 @@ def _whole(name: str, value, low: int) -> int:
     return number
 
 
+def _number(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{name} must be a number; got {value!r}") from None
+
+
 def layer_range(controls: Controls, num_layers: int) -> tuple[int, int] | None:
     """[start, end) of the pruned layers, or None when every layer is pruned."""
     first = _whole("first layer", controls.layer_first, 0)
@@ -180,6 +195,9 @@ def build_recipe(controls: Controls, shape: ModelShape) -> Recipe:
         structure=controls.structure,
         sparsity=sparsity,
         layers=layer_range(controls, shape.num_layers),
+        layer_schedule=controls.layer_schedule,
+        owl_m=_number("OWL M", controls.owl_m),
+        owl_lambda=_number("OWL lambda", controls.owl_lambda),
         stats_mode=controls.stats_mode,
         calibration=calibration_spec(controls),
         evaluation=_evaluation(controls),
@@ -211,6 +229,12 @@ def readout(recipe: Recipe, shape: ModelShape, total_params: int) -> str:
         )
     if recipe.layers:
         lines.append(f"Only layers {recipe.layers[0]}..{recipe.layers[1] - 1} are pruned.")
+    if recipe.layer_schedule != "uniform":
+        lines.append(
+            f"Layer schedule {recipe.layer_schedule} (M = {recipe.owl_m:g}, λ = {recipe.owl_lambda:g}): "
+            "layers with more outlier scores are pruned less, others more, at the same total "
+            "(computed from the dense statistics when you press the button)."
+        )
     return "\n\n".join(lines)
 
 
@@ -245,6 +269,8 @@ def recipe_summary(recipe: Recipe) -> str:
     else:
         sparsity = " ".join(f"{role} {100 * s:.0f}" for role, s in values.items())
     layers = f" layers {recipe.layers[0]}-{recipe.layers[1] - 1}" if recipe.layers else ""
+    if recipe.layer_schedule != "uniform":
+        layers += f" {recipe.layer_schedule} (M {recipe.owl_m:g}, λ {recipe.owl_lambda:g})"
     cal = recipe.calibration
     calibration = (
         f", {cal.source} {cal.nsamples}x{cal.seqlen} {recipe.stats_mode}" if recipe.needs_statistics else ""

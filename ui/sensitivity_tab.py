@@ -24,7 +24,7 @@ from prune.errors import RecipeError
 from prune.roles import ROLES
 from ui import plots
 from ui.common import HEAVY, PROGRESS, LabTab, figure_box, no_api, user_errors
-from ui.engine import Engine, Session, run_job
+from ui.engine import Engine, Session
 from ui.recipes import Controls, Defaults, calibration_spec
 
 KIND_CHOICES = [
@@ -115,9 +115,9 @@ def make_handlers(engine: Engine):
         calibration_file: str | None = None,
         **calibration_values,
     ) -> Iterator[list]:
-        lab = engine.require()
+        engine.touch(session)
         calibration = calibration_spec(Controls(calibration_file=calibration_file, **calibration_values))
-        present = lab.loaded.roles.roles
+        present = engine.shape(session).roles
         chosen = [r for r in (roles or present) if r in present]
         options = dict(
             kind=kind,
@@ -130,8 +130,9 @@ def make_handlers(engine: Engine):
             tasks=list(tasks or []) if kind == "downstream" else [],
             limit=(int(limit) or None) if kind == "downstream" and tasks else None,
         )
+        check_study_limits(engine, options)
         folder = study_folder(
-            session, {**options, "model": lab.loaded.name, "calibration": calibration.key()}
+            session, {**options, "model": engine.model_for(session), "calibration": calibration.key()}
         )
 
         def work(emit):
@@ -139,7 +140,7 @@ def make_handlers(engine: Engine):
                 emit("point", dataclasses.replace(result, points=list(result.points)))
 
             return studies.run_study(
-                lab,
+                engine.ensure(session, lambda event: emit("progress", event)),
                 out_dir=folder,
                 progress=lambda event: emit("progress", event),
                 on_point=on_point,
@@ -148,7 +149,7 @@ def make_handlers(engine: Engine):
             )
 
         yield [gr.skip(), gr.skip(), gr.skip(), "Waiting for the model ...", None]
-        for kind_, payload in run_job(work):
+        for kind_, payload in engine.heavy(session, work):
             if kind_ == "progress":
                 progress(payload.fraction, desc=payload.message)
             elif kind_ == "point":
@@ -173,7 +174,7 @@ def make_handlers(engine: Engine):
 
     @user_errors
     def allocate_sliders(target: float, refine: bool, session: Session, progress=PROGRESS) -> Iterator[list]:
-        lab = engine.require()
+        engine.touch(session)
         study = session.studies.get("single")
         if study is None:
             raise gr.Error(
@@ -184,10 +185,15 @@ def make_handlers(engine: Engine):
 
         def work(emit):
             return allocate_from_study(
-                lab, study, float(target) / 100, refine=refine, folder=folder, log=partial(emit, "log")
+                engine.ensure(session),
+                study,
+                float(target) / 100,
+                refine=refine,
+                folder=folder,
+                log=partial(emit, "log"),
             )
 
-        for kind, payload in run_job(work):
+        for kind, payload in engine.heavy(session, work):
             if kind == "log":
                 progress(None, desc=payload[:120])
         allocation = payload
@@ -278,3 +284,17 @@ def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
         api_name="study",
         **HEAVY,
     )
+
+
+# ----- hosting: limits checked before anything runs (issue 9) ---------------------------------------
+def check_study_limits(engine: Engine, options: dict) -> None:
+    """Study points (grid x roles, or grid x 3 series), calibration, windows and task documents."""
+    limits = engine.hosting.limits
+    series = len(options["roles"]) if options["kind"] == "single" else 3
+    limits.check_study(len(options["grid"]) * max(series, 1))
+    calibration = options["calibration"]
+    limits.check_calibration(calibration.nsamples, calibration.seqlen)
+    if not options["tasks"]:
+        limits.check_evaluation(options["windows"], options["eval_seqlen"])
+    else:
+        limits.check_tasks(options["limit"])

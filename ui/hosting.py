@@ -1,0 +1,233 @@
+"""How the app is hosted: who may choose which model, and how much one request may ask for.
+
+``Hosting`` is the host's profile. Local ``python app.py`` is free: any hub id or folder, no
+limits. ``--public`` (on by itself when ``SPACE_ID`` is set, i.e. on a Hugging Face Space) lets
+visitors pick only the models the host names (``--models``; the offline aliases by default),
+refuses typed ids unless the host allows them (``--allow-custom-models``, and then never with the
+host's token), and checks every request against ``Limits`` before anything runs. Pure Python,
+no Gradio: the checks are unit-tested and the same text is shown beside the controls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prune.errors import LabError
+from prune.models import OFFLINE_MODELS
+
+# One message for every model a visitor may not have, exists or not, so nobody can probe the disk.
+REFUSED_MODEL = "That model is not available on this server."
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class LimitExceeded(LabError):
+    """A request asks for more than the host allows; the message says the limit."""
+
+
+class ModelRefused(LabError):
+    """A model this server does not offer to visitors (or could not load); no names, no paths."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; ``None`` means no limit. Checked before anything runs."""
+
+    calibration_tokens: int | None = None  # nsamples x seqlen
+    eval_windows: int | None = None  # per dataset; "0 = whole test set" is refused when set
+    eval_seqlen: int | None = None
+    task_docs: int | None = None  # per task; "0 = all" is refused when set
+    study_points: int | None = None  # grid values x roles (or series)
+    new_tokens: int | None = None
+    upload_mb: float | None = None  # Gradio max_file_size
+    queue_size: int | None = None  # Gradio queue max_size
+    pending_per_session: int = 1  # heavy jobs waiting or running per browser session
+    job_seconds: float | None = None  # a heavy job is cancelled past this
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Limits:
+        """Public defaults: a lesson's worth of work per request on a CPU, more on a GPU."""
+        if device_type == "cuda":
+            return cls(
+                calibration_tokens=128 * 2048,
+                eval_windows=64,
+                eval_seqlen=4096,
+                task_docs=1000,
+                study_points=120,
+                new_tokens=512,
+                upload_mb=50,
+                queue_size=64,
+                job_seconds=1800,
+            )
+        return cls(
+            calibration_tokens=32 * 512,
+            eval_windows=16,
+            eval_seqlen=1024,
+            task_docs=100,
+            study_points=40,
+            new_tokens=256,
+            upload_mb=10,
+            queue_size=32,
+            job_seconds=600,
+        )
+
+    @classmethod
+    def none(cls) -> Limits:
+        return cls(pending_per_session=1_000_000)
+
+    def replace(self, **changes) -> Limits:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    # ----- checks (raise LimitExceeded with the limit in words) -----------------------------------
+    @staticmethod
+    def _over(what: str, asked, limit) -> None:
+        raise LimitExceeded(f"{what}: {asked:,} asked, this server allows at most {limit:,}")
+
+    def check_calibration(self, nsamples: int, seqlen: int) -> None:
+        if self.calibration_tokens is not None and nsamples * seqlen > self.calibration_tokens:
+            self._over("calibration tokens (samples x tokens per sample)", nsamples * seqlen,
+                       self.calibration_tokens)  # fmt: skip
+
+    def check_evaluation(self, windows: int | None, seqlen: int) -> None:
+        if self.eval_windows is not None:
+            if not windows:
+                raise LimitExceeded(
+                    f"the whole test set is not available here: ask for at most {self.eval_windows} windows"
+                )
+            if windows > self.eval_windows:
+                self._over("evaluation windows", windows, self.eval_windows)
+        if self.eval_seqlen is not None and seqlen > self.eval_seqlen:
+            self._over("tokens per evaluation window", seqlen, self.eval_seqlen)
+
+    def check_recipe(self, recipe) -> None:
+        """Calibration and evaluation sizes of a ``Recipe``."""
+        if recipe.needs_statistics:
+            self.check_calibration(recipe.calibration.nsamples, recipe.calibration.seqlen)
+        if recipe.evaluation.datasets:
+            self.check_evaluation(recipe.evaluation.max_windows, recipe.evaluation.seqlen)
+
+    def check_tasks(self, limit: int | None) -> None:
+        if self.task_docs is None:
+            return
+        if not limit:
+            raise LimitExceeded(f"whole task splits are not available here: ask for at most {self.task_docs}")
+        if limit > self.task_docs:
+            self._over("documents per task", limit, self.task_docs)
+
+    def check_study(self, points: int) -> None:
+        if self.study_points is not None and points > self.study_points:
+            self._over("study points (grid values x roles)", points, self.study_points)
+
+    def check_new_tokens(self, tokens: int) -> None:
+        if self.new_tokens is not None and tokens > self.new_tokens:
+            self._over("new tokens", tokens, self.new_tokens)
+
+    # ----- what the page shows ------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line for beside the controls."""
+        parts = []
+        if self.calibration_tokens is not None:
+            parts.append(f"calibration ≤ {self.calibration_tokens:,} tokens")
+        if self.eval_windows is not None:
+            parts.append(f"≤ {self.eval_windows} evaluation windows")
+        if self.eval_seqlen is not None:
+            parts.append(f"≤ {self.eval_seqlen:,} tokens per window")
+        if self.task_docs is not None:
+            parts.append(f"≤ {self.task_docs:,} documents per task")
+        if self.study_points is not None:
+            parts.append(f"≤ {self.study_points} study points")
+        if self.new_tokens is not None:
+            parts.append(f"≤ {self.new_tokens} new tokens")
+        if self.upload_mb is not None:
+            parts.append(f"uploads ≤ {self.upload_mb:g} MB")
+        if self.job_seconds is not None:
+            parts.append(f"≤ {self.job_seconds / 60:g} min per job")
+        if self.pending_per_session < 1000:
+            parts.append(f"{self.pending_per_session} job at a time per visitor")
+        return "Limits on this server: " + ", ".join(parts) + "." if parts else ""
+
+
+@dataclass
+class Hosting:
+    """The host's profile (see the module docstring)."""
+
+    public: bool = False
+    models: tuple[str, ...] = ()  # what visitors may choose (public); empty: the offline aliases
+    allow_custom: bool = False  # public: visitors may type hub ids (loaded without the host's token)
+    limits: Limits = field(default_factory=Limits.none)
+    session_ttl_s: float = 3600.0  # idle sessions are freed after this
+    export_free_mb: float = 2048.0  # an export needs this much free disk besides its own size
+
+    @classmethod
+    def local(cls) -> Hosting:
+        return cls()
+
+    @classmethod
+    def public_profile(cls, models: list[str] | None, device_type: str, **changes) -> Hosting:
+        allowed = tuple(m.strip() for m in (models or []) if m.strip()) or tuple(OFFLINE_MODELS)
+        return cls(public=True, models=allowed, limits=Limits.for_device(device_type), **changes)
+
+    def allowed(self) -> tuple[str, ...]:
+        """The names visitors see and send: a host's folder by its last part, never its path."""
+        return tuple(display(m) for m in self.sources())
+
+    def sources(self) -> tuple[str, ...]:
+        return self.models or tuple(OFFLINE_MODELS)
+
+    def resolve(self, name: str) -> tuple[str, bool]:
+        """The model to load for a visitor's choice and whether the host's token may be used.
+        Raises ``ModelRefused`` (one message, no paths) for anything the profile does not offer."""
+        name = (name or "").strip()
+        if not self.public:
+            if not name:
+                raise ModelRefused("no model given: pick one from the list or type a hub id or local folder")
+            return expand_user(name), True
+        for source in self.sources():
+            if name in (source, display(source)) and (name == source or not looks_like_path(name)):
+                return expand_user(source), True
+        if self.allow_custom and HUB_ID.match(name) and not Path(name).exists():
+            return name, False  # a visitor's own hub id: never with the host's token
+        raise ModelRefused(f"{REFUSED_MODEL} Choose one of: {', '.join(self.allowed())}.")
+
+    def display(self, name: str | None) -> str:
+        """How a model is named to visitors (public: a folder by its last part)."""
+        return display(name or "") if self.public else (name or "")
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "~", ".", "\\")) or "\\" in name or name.count("/") > 1
+
+
+def display(name: str) -> str:
+    return Path(name).name if looks_like_path(name) else name
+
+
+def expand_user(name: str) -> str:
+    """``~/models/x`` -> the host's home folder (hub ids are left alone)."""
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+def on_a_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def zero_gpu() -> bool:
+    """ZeroGPU hardware: the ``spaces`` package and its environment flag."""
+    return bool(os.environ.get("SPACES_ZERO_GPU")) or (on_a_space() and _has_spaces())
+
+
+def _has_spaces() -> bool:
+    try:
+        import spaces  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means: not usable
+        return False
+    return True
+
+
+def free_disk_mb(folder: Path) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free / 2**20
