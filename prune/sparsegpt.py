@@ -17,25 +17,6 @@ BLOCK_SIZE = 128
 DAMPING = 0.01  # of the mean diagonal of H
 
 
-class RunningHessian:
-    """The reference's ``SparseGPT.add_batch``: ``H = 2/n sum x x^T`` over the sequences seen so
-    far, one sequence at a time, so batching the forward pass does not change the floats."""
-
-    def __init__(self, columns: int, device: torch.device):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.nsamples = 0
-
-    def add(self, inputs: torch.Tensor) -> None:
-        if inputs.dim() == 2:
-            inputs = inputs.unsqueeze(0)
-        for sequence in inputs:
-            x = sequence.reshape(-1, sequence.shape[-1]).t().float()
-            self.hessian *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
-            x = (2 / self.nsamples) ** 0.5 * x
-            self.hessian += x.matmul(x.t())
-
-
 def inverse_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor of the dampened inverse, dead columns). Dead columns (inputs that are
     always zero) get a unit diagonal, as in the reference; their weights are pruned."""

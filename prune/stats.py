@@ -20,30 +20,55 @@ from torch import nn
 
 from prune.progress import Event, Progress, silent
 from prune.roles import RoleMap
-from prune.sparsegpt import RunningHessian, inverse_hessian
+from prune.sparsegpt import inverse_hessian
 
 KINDS = ("norms", "hessian")
 
 
-class RunningNorm:
-    """The reference's ``WrappedGPT.add_batch``: running mean over sequences of ||X_j||^2.
+class RunningMean:
+    """A running mean over calibration sequences, as the references' ``add_batch`` keeps it:
+    sequences are added one at a time, in order, so batching the forward pass gives the same
+    floating-point result as the references' batch of one."""
 
-    Sequences are added one at a time, in order, so batching the forward pass gives the same
-    floating-point result as the reference's batch of one.
-    """
-
-    def __init__(self, columns: int, device: torch.device):
-        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
-        self.nsamples = 0
+    nsamples: int
 
     def add(self, inputs: torch.Tensor) -> None:
         if inputs.dim() == 2:
             inputs = inputs.unsqueeze(0)
         for sequence in inputs:
-            x = sequence.reshape(-1, sequence.shape[-1]).t().float()
-            self.sq_norm *= self.nsamples / (self.nsamples + 1)
+            x = sequence.reshape(-1, sequence.shape[-1]).t().float()  # (columns, tokens)
+            self.scale(self.nsamples / (self.nsamples + 1))
             self.nsamples += 1
-            self.sq_norm += torch.norm(x, p=2, dim=1) ** 2 / self.nsamples
+            self.accumulate(x)
+
+
+class RunningNorm(RunningMean):
+    """Wanda's ``WrappedGPT.add_batch``: the mean over sequences of ||X_j||^2 per input column."""
+
+    def __init__(self, columns: int, device: torch.device):
+        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def scale(self, factor: float) -> None:
+        self.sq_norm *= factor
+
+    def accumulate(self, x: torch.Tensor) -> None:
+        self.sq_norm += torch.norm(x, p=2, dim=1) ** 2 / self.nsamples
+
+
+class RunningHessian(RunningMean):
+    """SparseGPT's ``add_batch``: ``H = 2/n sum x x^T`` over the sequences seen so far."""
+
+    def __init__(self, columns: int, device: torch.device):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def scale(self, factor: float) -> None:
+        self.hessian *= factor
+
+    def accumulate(self, x: torch.Tensor) -> None:
+        x = (2 / self.nsamples) ** 0.5 * x
+        self.hessian += x.matmul(x.t())
 
 
 @dataclass

@@ -15,7 +15,8 @@ from evaluation.lab import Lab
 from prune.pruner import Pruner
 from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
 from prune.roles import ROLES
-from prune.sparsegpt import RunningHessian, inverse_hessian, sparsegpt_prune
+from prune.sparsegpt import inverse_hessian, sparsegpt_prune
+from prune.stats import RunningHessian
 
 
 class ReferenceSparseGPT:

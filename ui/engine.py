@@ -173,12 +173,7 @@ class JobQueue:
                     reported = ahead
                     waiting(ahead)
         except BaseException:
-            with self._cond:
-                if ticket in self._line:
-                    self._line.remove(ticket)
-                if self.holder is ticket:
-                    self.holder = None
-                self._cond.notify_all()
+            self.release(ticket)
             raise
 
     def release(self, ticket: object) -> None:
