@@ -19,6 +19,7 @@ import torch
 
 from prune.errors import Cancelled, LabError
 from prune.progress import CancelToken, current_token
+from prune.stream import input_device
 
 MAX_PROMPT_TOKENS = 1024
 MAX_NEW_TOKENS = 512
@@ -113,7 +114,7 @@ def stream(
     from transformers import TextIteratorStreamer
 
     token = cancel or current_token()
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = prompt_ids(tokenizer, prompt, settings).to(device)
     kwargs = _generate_kwargs(tokenizer, settings, device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.2)

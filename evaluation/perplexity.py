@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from prune.data import TextSource, load_file, load_texts
 from prune.errors import LabError
 from prune.progress import Event, Progress, silent
+from prune.stream import LayerStream, hidden_of, input_device, layerwise, replayed
 
 
 class EvaluationError(LabError):
@@ -70,6 +72,30 @@ def encoded(tokenizer, dataset: str) -> tuple[torch.Tensor, TextSource]:
     return _encode(dataset, tokenizer)
 
 
+def window_logits(
+    model, windows: torch.Tensor, batch_size: int, stream: LayerStream | None, progress: Progress
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``logits_of(k, inputs)`` for the k-th batch of windows: one model call, or, streamed, the
+    head over the k-th batch's last hidden states after one layer-by-layer pass of every batch."""
+    if stream is None:
+        device = input_device(model)
+        return lambda _k, inputs: model(inputs.to(device), use_cache=False).logits
+
+    def on_layer(done: int, steps: int) -> None:
+        progress(Event("perplexity", 0.0, f"streamed pass: layer {done}/{steps}", step=done, steps=steps))
+
+    roles, device = stream.roles, input_device(model)
+    calls, extras = layerwise(
+        model, roles, windows, batch_size, stream.hidden_device, stream.resident, on_layer
+    )
+
+    def logits_of(k: int, inputs: torch.Tensor) -> torch.Tensor:
+        with replayed(model, roles, hidden_of(calls[k]).to(device), extras[k]):
+            return model(inputs.to(device), use_cache=False).logits
+
+    return logits_of
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -80,9 +106,11 @@ def perplexity(
     batch_size: int = 1,
     progress: Progress = silent,
     which: str | None = None,
+    stream: LayerStream | None = None,
 ) -> PerplexityResult:
     """``dataset``: "wikitext2", "c4", or a path to a .txt/.jsonl/.parquet file. Every window
-    reports an Event with the running perplexity; ``which`` ("dense"/"pruned") labels them."""
+    reports an Event with the running perplexity; ``which`` ("dense"/"pruned") labels them.
+    A streamed model (``stream``) runs layer by layer over all windows first (same floats)."""
     ids, source = encoded(tokenizer, dataset)
     if dataset == "c4":
         ids = ids[:, : 256 * seqlen]
@@ -90,18 +118,21 @@ def perplexity(
     if total == 0:
         raise EvaluationError(f"{dataset} has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = min(total, max_windows) if max_windows else total
-    device = next(model.parameters()).device
+    label = dataset_label(dataset)
     nll_sum, start = 0.0, time.perf_counter()
-    for first in range(0, windows, batch_size):
+    logits_of = window_logits(
+        model, ids[:, : windows * seqlen].reshape(windows, seqlen), batch_size, stream, progress
+    )
+    for k, first in enumerate(range(0, windows, batch_size)):
         last = min(first + batch_size, windows)
-        inputs = ids[:, first * seqlen : last * seqlen].reshape(last - first, seqlen).to(device)
-        logits = model(inputs, use_cache=False).logits
+        inputs = ids[:, first * seqlen : last * seqlen].reshape(last - first, seqlen)
+        logits = logits_of(k, inputs)
         loss = F.cross_entropy(
-            logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), inputs[:, 1:].reshape(-1)
+            logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(),
+            inputs[:, 1:].reshape(-1).to(logits.device),
         )
         nll_sum += loss.float().item() * seqlen * (last - first)
         running = math.exp(nll_sum / (last * seqlen))
-        label = dataset_label(dataset)
         message = f"{label}{' ' + which if which else ''}: window {last}/{windows}, perplexity {running:.2f}"
         progress(Event("perplexity", last / windows, message, label, which, last, windows, running))
     seconds = time.perf_counter() - start

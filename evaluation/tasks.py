@@ -22,6 +22,7 @@ from prune.errors import RecipeError
 from prune.paths import cache_dir, data_dir
 from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import Recipe
+from prune.stream import input_device
 
 ALL7 = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -151,7 +152,7 @@ def _chunks(requests: list, size: int) -> Iterator[tuple[int, int]]:
 
 
 def default_batch_size(model) -> int:
-    device = next(model.parameters()).device
+    device = input_device(model)
     return 32 if device.type == "cuda" else 8
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -147,17 +148,19 @@ def outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model, roles, stats, m: float = OWL_M) -> list[float]:
+def layer_outlier_ratios(model, roles, stats, m: float = OWL_M, resident=None) -> list[float]:
     """Per decoder layer, the outlier ratio of all its roles' Wanda scores together (``model`` dense,
-    ``stats`` its calibration statistics, ``roles`` a ``prune.roles.RoleMap``), as OWL computes it."""
+    ``stats`` its calibration statistics, ``roles`` a ``prune.roles.RoleMap``), as OWL computes it.
+    ``resident(layer)`` brings a streamed model's layer to the device while it is read."""
     ratios = []
     for layer in range(roles.num_layers):
-        scores = [
-            wanda_scores(piece.weight(model), stats.sq_norms[piece.stats_key]).flatten()
-            for role in roles.roles
-            if (target := roles.targets.get((layer, role))) is not None
-            for piece in target.pieces()
-        ]
+        with resident(layer) if resident is not None else nullcontext():
+            scores = [
+                wanda_scores(piece.weight(model), stats.sq_norms[piece.stats_key]).flatten()
+                for role in roles.roles
+                if (target := roles.targets.get((layer, role))) is not None
+                for piece in target.pieces()
+            ]
         ratios.append(outlier_ratio(torch.cat(scores), m))
     return ratios
 

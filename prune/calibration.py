@@ -16,6 +16,7 @@ from prune.data import DataError, TextSource, load_file, load_texts
 from prune.errors import LabError
 from prune.progress import checkpoint
 from prune.recipe import CalibrationSpec
+from prune.stream import input_device
 
 
 class CalibrationError(LabError):
@@ -80,7 +81,7 @@ def _cancel_criteria():
 def _generated(model, tokenizer, spec: CalibrationSpec, batch_size: int) -> torch.Tensor:
     """Sample from the model itself, starting from BOS (or EOS when it has none)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = input_device(model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     rows = []

@@ -9,6 +9,8 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import nn
 from prune.errors import LabError
 from prune.paths import cache_dir
 from prune.roles import RoleMap, UnsupportedArchitecture, role_map
+from prune.stream import LayerStream
 
 Progress = Callable[[str], None]
 
@@ -72,6 +75,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str  # where the weights came from
+    stream: LayerStream | None = None  # set when the decoder layers stream through the device
 
     @property
     def max_length(self) -> int:
@@ -191,9 +195,13 @@ def load(
     trust_remote_code: bool = False,
     progress: Progress = lambda message: None,
     token: bool | str | None = None,
+    streaming: str = "off",
+    hidden_on: str = "device",
 ) -> LoadedModel:
     """``token=False`` never sends a Hugging Face token (a web visitor's own hub id, say);
-    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does."""
+    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does. ``streaming``: "off",
+    or where the decoder layers wait ("cpu" memory, "disk"); ``hidden_on``: where layer-by-layer
+    passes keep every window's hidden states ("device" or "cpu")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
@@ -207,33 +215,114 @@ def load(
     if token is not None:
         kwargs["token"] = token
     local = Path(source).expanduser().is_dir()
+    use_safetensors = True if local and any(Path(source).expanduser().glob("*.safetensors")) else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=torch_dtype,
-            use_safetensors=True if local and any(Path(source).glob("*.safetensors")) else None,
-            device_map=_device_map(source, torch_dtype, target_device, kwargs),
-            **kwargs,
-        )
+        if streaming != "off":
+            model, stream = _load_streamed(
+                source, torch_dtype, target_device, streaming, hidden_on, kwargs, use_safetensors
+            )
+        else:
+            model, stream = (
+                AutoModelForCausalLM.from_pretrained(
+                    source,
+                    dtype=torch_dtype,
+                    device_map=_device_map(source, torch_dtype, target_device, kwargs),
+                    **kwargs,
+                ),
+                None,
+            )
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and "trust_remote_code" in str(err):
             raise ModelLoadError(
                 f"{name} needs custom code from its repository; pass trust_remote_code only if you trust it"
             ) from None
         raise ModelLoadError(_not_found_message(name, err)) from None
-    if getattr(model, "hf_device_map", None) is None:
+    if getattr(model, "hf_device_map", None) is None and stream is None:
         model.to(target_device)
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    roles = stream.roles if stream is not None else _roles(model)
+    return LoadedModel(name, model, tokenizer, roles, target_device, torch_dtype, source, stream)
+
+
+def _roles(model: nn.Module) -> RoleMap:
     try:
-        roles = role_map(model)
+        return role_map(model)
     except UnsupportedArchitecture as err:
         raise ModelLoadError(str(err)) from None
-    return LoadedModel(name, model, tokenizer, roles, target_device, torch_dtype, source)
+
+
+def _load_streamed(
+    source: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    store: str,
+    hidden_on: str,
+    kwargs: dict,
+    use_safetensors: bool | None,
+) -> tuple[nn.Module, LayerStream]:
+    """Everything outside the decoder layers on ``device``; the layers' weights in a store that
+    reads them from the checkpoint (accelerate's offload loader: lazily from the safetensors, with
+    the same dtype cast as a normal load), kept in CPU memory (``store="cpu"``) or read on each
+    use (``"disk"``)."""
+    from accelerate import init_empty_weights
+    from accelerate.hooks import remove_hook_from_module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs["trust_remote_code"])
+    roles = _roles(empty)
+    where = device.index if device.type == "cuda" and device.index is not None else device.type
+    device_map = {name: where for name in _outside_layers(empty, roles.layers_path)}
+    device_map.update({f"{roles.layers_path}.{i}": "disk" for i in range(roles.num_layers)})
+    offload = Path(tempfile.mkdtemp(prefix="offload-", dir=cache_dir("offload")))
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        device_map=device_map,
+        offload_folder=str(offload),
+        use_safetensors=use_safetensors,
+        **kwargs,
+    )
+    weakref.finalize(model, shutil.rmtree, offload, True)  # converted weights, if any were written
+    loader = _offload_loader(model)
+    remove_hook_from_module(model, recurse=True)
+    del model.hf_device_map
+    roles = role_map(model)
+    layer_names = [name for name in loader.all_keys if name.startswith(roles.layers_path + ".")]
+    if store == "cpu":
+        pin = device.type == "cuda"
+        weights = {name: loader[name] for name in layer_names}
+        weights = {name: t.pin_memory() if pin else t for name, t in weights.items()}
+    else:
+        weights = loader
+    hidden = device if hidden_on == "device" else torch.device("cpu")
+    return model, LayerStream(model, roles, device, weights, store, hidden)
+
+
+def _outside_layers(model: nn.Module, layers_path: str) -> list[str]:
+    """The modules that are not the decoder layers: every sibling along the layers' path."""
+    names, parent = [], ""
+    for part in layers_path.split("."):
+        module = model.get_submodule(parent) if parent else model
+        prefix = f"{parent}." if parent else ""
+        names += [prefix + child for child, _ in module.named_children() if child != part]
+        parent = prefix + part
+    return names
+
+
+def _offload_loader(model: nn.Module):
+    """The weights map accelerate's hooks read offloaded weights from."""
+    for module in model.modules():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:
+            return weights_map.dataset
+    raise ModelLoadError("this model could not be split for streaming (no offloaded layer weights)")
 
 
 def _device_map(source: str, dtype: torch.dtype, device: torch.device, kwargs: dict) -> str | None:

@@ -31,6 +31,7 @@ from prune.report import SparsityReport, sparsity_report
 from prune.roles import ROLES
 from prune.sparsegpt import sparsegpt_prune
 from prune.stats import ActivationStats, dense_pass, sequential_pass
+from prune.stream import resident_fn
 
 
 @dataclass
@@ -73,7 +74,8 @@ class Pruner:
         # per weight. Kept on CPU only, where kthvalue is the bottleneck (2 bytes per weight).
         self._ranks: LRU = LRU()  # (stats key, method) -> {(layer, role): ranks}
         self.use_ranks = loaded.device.type == "cpu"
-        self._unreached: dict[str, list[int]] = {}  # this run's MoE experts calibration never reached
+        self.stream = loaded.stream  # a streamed model: layers come to the device one at a time
+        self.resident = resident_fn(self.stream)
 
     # ----- calibration and statistics -----------------------------------------------------------
     def seqlen_for(self, requested: int) -> int:
@@ -109,7 +111,8 @@ class Pruner:
             stats, source = ActivationStats.load(path, self.loaded.device), "cached: disk"
         else:
             with self._dense():
-                stats = dense_pass(self.loaded.model, self.loaded.roles, ids, self.batch_size, progress, kind)
+                lm = self.loaded
+                stats = dense_pass(lm.model, lm.roles, ids, self.batch_size, progress, kind, self.stream)
             self.calibration_passes += 1
             if kind == "norms":
                 stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
@@ -125,8 +128,6 @@ class Pruner:
         """Masks of one layer (and the rewritten weights, for a method that changes them);
         ``ranks`` (from ``_rank_cache``) only when the weights are dense."""
         model, roles, spec = self.loaded.model, self.loaded.roles, recipe.method_spec
-        if stats is not None:  # MoE experts no calibration token reached (scored by magnitude)
-            self._unreached.update(stats.unreached_experts(roles.experts_in_layer(layer)))
         masks, values = {}, {}
         for role in roles.roles:
             sparsity = recipe.sparsity_for(layer, role)
@@ -143,6 +144,7 @@ class Pruner:
             if spec.changes_weights:  # solved on (rows, in); apply_masks writes it back through the view
                 hinv, dead = stats.inverse(target.module)
                 flat = weight.reshape(-1, weight.shape[-1])
+                hinv, dead = hinv.to(flat.device), dead.to(flat.device)  # streamed: Hessians wait on the CPU
                 new, masks[key] = sparsegpt_prune(flat, hinv, dead, sparsity, recipe.nm)
                 values[key] = new.to(weight.dtype)
                 continue
@@ -153,6 +155,9 @@ class Pruner:
             if key not in ranks:
                 ranks[key] = row_ranks(spec.scores(weight, sq_norm).reshape(-1, weight.shape[-1]))
             masks[key] = mask_from_ranks(ranks[key], sparsity)
+        if self.stream is not None:  # the state waits on the CPU with the weights, not on the device
+            masks = {key: mask.cpu() for key, mask in masks.items()}
+            values = {key: value.cpu() for key, value in values.items()}
         return masks, values
 
     def _rank_cache(self, recipe: Recipe, stats_key: str) -> dict | None:
@@ -193,7 +198,6 @@ class Pruner:
     ) -> PruneResult:
         """Restore the dense model, then prune it in place as the recipe says."""
         self._check(recipe)
-        self._unreached = {}
         self.restore()
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -208,10 +212,12 @@ class Pruner:
         ]
         masks: Masks = {}
         values: Values = {}
+        unreached: dict[str, list[int]] = {}
         if not recipe.needs_statistics or not wanted:
             ranks = self._rank_cache(recipe, "")  # scores from the weights alone
             for layer in wanted:
-                masks.update(self._layer_masks(recipe, layer, None, ranks)[0])
+                with self.resident(layer):
+                    masks.update(self._layer_masks(recipe, layer, None, ranks)[0])
             source = "none"
         else:
             t = time.perf_counter()
@@ -229,26 +235,29 @@ class Pruner:
             if recipe.stats_mode == "cached":
                 t = time.perf_counter()
                 stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9), spec.statistics)
+                experts = [name for layer in wanted for name in roles.experts_in_layer(layer)]
+                unreached = stats.unreached_experts(experts)
                 timings["statistics_s"] = time.perf_counter() - t
                 t = time.perf_counter()
                 ranks = self._rank_cache(recipe, self._stats_key(ids))
                 for done, layer in enumerate(wanted, 1):
-                    layer_masks, layer_values = self._layer_masks(recipe, layer, stats, ranks)
+                    with self.resident(layer):
+                        layer_masks, layer_values = self._layer_masks(recipe, layer, stats, ranks)
                     masks.update(layer_masks)
                     values.update(layer_values)
                     if spec.changes_weights:  # solves take seconds a layer: say where they are
                         progress(Event("prune", 0.9 + 0.1 * done / len(wanted), f"solving layer {layer}"))
                 timings["masks_s"] = time.perf_counter() - t
             else:
-                masks, values = self._sequential(recipe, ids, wanted[-1], progress)  # applied as it goes
+                masks, values, unreached = self._sequential(recipe, ids, wanted[-1], progress)  # applied
                 source = "sequential"
                 self.calibration_passes += 1
         t = time.perf_counter()
         if source != "sequential":
             self.apply(masks, values)
         timings["apply_s"] = time.perf_counter() - t
-        if self._unreached:
-            calib_info["unreached_experts"] = dict(self._unreached)
+        if unreached:  # MoE experts no calibration token reached (scored by magnitude)
+            calib_info["unreached_experts"] = unreached
         report = sparsity_report(self.loaded.model, roles, masks, recipe.sparsity_for)
         timings["total_s"] = time.perf_counter() - start
         progress(Event("prune", 1.0, "pruned"))
@@ -271,7 +280,7 @@ class Pruner:
         if ids is None:
             ids = self.calibration_ids(recipe.calibration)
         stats, _ = self.cached_statistics(ids, scaled(progress, 0.0, 0.2, "outlier ratios"))
-        ratios = layer_outlier_ratios(lm.model, lm.roles, stats, recipe.owl_m)
+        ratios = layer_outlier_ratios(lm.model, lm.roles, stats, recipe.owl_m, self.resident)
         shapes = {
             (layer, role): target.shape(lm.model) for layer, role, target in lm.roles.items()
         }  # rows, in
@@ -281,39 +290,50 @@ class Pruner:
 
     def _sequential(
         self, recipe: Recipe, ids: torch.Tensor, last_layer: int, progress: Progress
-    ) -> tuple[Masks, Values]:
-        """The reference procedure; a failure halfway leaves the model dense, bitwise."""
+    ) -> tuple[Masks, Values, dict[str, list[int]]]:
+        """The reference procedure; a failure halfway leaves the model dense, bitwise. Also which MoE
+        experts no calibration token reached."""
         self._ensure_snapshot()
         masks: Masks = {}
         values: Values = {}
+        unreached: dict[str, list[int]] = {}
         model, roles = self.loaded.model, self.loaded.roles
 
         def prune_layer(layer: int, stats: ActivationStats) -> bool:
             layer_masks, layer_values = self._layer_masks(recipe, layer, stats)
+            unreached.update(stats.unreached_experts(roles.experts_in_layer(layer)))
             masks.update(layer_masks)
             values.update(layer_values)
             apply_masks(model, roles, layer_masks, layer_values)
             return bool(layer_masks)
 
-        self.masks, self.values = masks, values  # grow layer by layer: restore() knows what was touched
+        self._set_state(masks, values)  # grow layer by layer: restore() knows what was touched
         kind = recipe.method_spec.statistics
         try:
-            sequential_pass(model, roles, ids, self.batch_size, prune_layer, last_layer, progress, kind)
+            sequential_pass(
+                model, roles, ids, self.batch_size, prune_layer, last_layer, progress, kind, self.stream
+            )
         except BaseException:
             self.restore()
             raise
-        return masks, values
+        return masks, values, unreached
 
     # ----- reversibility ------------------------------------------------------------------------
+    def _set_state(self, masks: Masks, values: Values) -> None:
+        self.masks, self.values = masks, values
+        if self.stream is not None:  # applied as each layer comes to the device
+            self.stream.set_state(masks, values)
+
     def _ensure_snapshot(self) -> None:
-        if self.dense is None:
+        """A streamed model needs none: its store is dense, pruning is applied on the way in."""
+        if self.dense is None and self.stream is None:
             self.dense = DenseWeights(self.loaded.model, self.loaded.roles)
 
     def restore(self) -> None:
         """Back to the dense model, bitwise; only the matrices the masks touched are copied."""
         if self.dense is not None and self.masks:
             self.dense.restore(touched_modules(self.loaded.roles, self.masks))
-        self.masks, self.values = {}, {}
+        self._set_state({}, {})
 
     def apply(self, masks: Masks, values: Values | None = None) -> None:
         """Switch to another pruned state (e.g. another session's) without recomputing it. Atomic:
@@ -322,7 +342,9 @@ class Pruner:
         if not masks:
             return
         self._ensure_snapshot()
-        self.masks, self.values = masks, dict(values or {})
+        self._set_state(masks, dict(values or {}))
+        if self.stream is not None:
+            return
         try:
             apply_masks(self.loaded.model, self.loaded.roles, masks, values)
         except BaseException:

@@ -21,6 +21,16 @@ from torch import nn
 from prune.progress import Event, Progress, silent
 from prune.roles import RoleMap
 from prune.sparsegpt import inverse_hessian
+from prune.stream import (
+    LayerStream,
+    _Stop,
+    hidden_of,
+    input_device,
+    layer_inputs,
+    resident_fn,
+    run_layer,
+    with_hidden,
+)
 
 KINDS = ("norms", "hessian")
 
@@ -226,14 +236,6 @@ def _with_experts(stats: ActivationStats, experts: dict[str, ExpertNorms]) -> Ac
     return stats
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early."""
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def dense_pass(
     model: nn.Module,
@@ -242,9 +244,13 @@ def dense_pass(
     batch_size: int,
     progress: Progress = silent,
     kind: str = "norms",
+    stream: LayerStream | None = None,
 ) -> ActivationStats:
     """Statistics (``kind``: norms or hessian) of every pruned matrix from one dense pass; stops
-    before the LM head."""
+    before the LM head. A streamed model goes layer by layer (same floats, batch by batch); its
+    Hessians wait on the CPU, beside the layer weights, until the solves."""
+    if stream is not None:
+        return _layerwise_dense_pass(model, roles, ids, batch_size, progress, kind, stream)
     names = [n for layer in range(roles.num_layers) for n in roles.modules_in_layer(layer)]
     stats, handles = _watch(model, names, kind)
     experts_names = [n for layer in range(roles.num_layers) for n in roles.experts_in_layer(layer)]
@@ -259,7 +265,7 @@ def dense_pass(
         chunks = ids.split(batch_size)
         for i, chunk in enumerate(chunks):
             try:
-                model(chunk.to(_device(model)), use_cache=False)
+                model(chunk.to(input_device(model)), use_cache=False)
             except _Stop:
                 pass
             done, steps = i + 1, len(chunks)
@@ -278,36 +284,29 @@ def dense_pass(
     return _with_experts(_collected(stats, kind, ids.shape[0]), experts)
 
 
-@torch.no_grad()
-def _layer_inputs(model: nn.Module, first_layer: nn.Module, ids: torch.Tensor, batch_size: int):
-    """The hidden states (and call arguments) that reach the first decoder layer, per batch."""
-    captured = []
+def _layerwise_dense_pass(
+    model: nn.Module,
+    roles: RoleMap,
+    ids: torch.Tensor,
+    batch_size: int,
+    progress: Progress,
+    kind: str,
+    stream: LayerStream,
+) -> ActivationStats:
+    merged = ActivationStats(nsamples=ids.shape[0])
 
-    def catch(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
+    def collect(_layer: int, stats: ActivationStats) -> bool:
+        merged.sq_norms.update(stats.sq_norms)
+        moved: dict[int, torch.Tensor] = {}  # one CPU tensor per shared Hessian
+        for name, hessian in stats.hessians.items():
+            if id(hessian) not in moved:
+                moved[id(hessian)] = hessian.cpu()
+            merged.hessians[name] = moved[id(hessian)]
+        merged.expert_tokens.update(stats.expert_tokens)
+        return False  # nothing pruned: the next layer gets the dense outputs
 
-    handle = first_layer.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for chunk in ids.split(batch_size):
-            try:
-                model(chunk.to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = layer(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+    sequential_pass(model, roles, ids, batch_size, collect, None, progress, kind, stream, "statistics")
+    return merged
 
 
 @torch.no_grad()
@@ -320,28 +319,38 @@ def sequential_pass(
     last_layer: int | None = None,
     progress: Progress = silent,
     kind: str = "norms",
+    stream: LayerStream | None = None,
+    stage: str = "prune",
 ) -> None:
     """The references' layer-by-layer procedure (Wanda and SparseGPT alike). ``prune_layer(i,
     stats)`` prunes layer i in place and says whether it changed anything; only then is the layer
-    re-run for the next one's inputs.
+    re-run for the next one's inputs. A streamed model's layer is on the compute device for its
+    turn only; hidden states wait where the stream says.
     Layers after ``last_layer`` (the last one with anything to prune) are not visited."""
     layers = roles.layers(model)
     last = len(layers) - 1 if last_layer is None else last_layer
-    calls = _layer_inputs(model, layers[0], ids, batch_size)
+    resident = resident_fn(stream)
+    hidden_device = stream.hidden_device if stream is not None else None
+    calls = layer_inputs(model, roles, ids, batch_size)
     for i, layer in enumerate(layers[: last + 1]):
-        accumulators, handles = _watch(model, roles.modules_in_layer(i), kind)
-        experts, more = _watch_experts(model, roles.experts_in_layer(i) if kind == "norms" else [])
-        handles += more
-        try:
-            outputs = [_run_layer(layer, *call) for call in calls]
-        finally:
-            for h in handles:
-                h.remove()
-        stats = _with_experts(_collected(accumulators, kind, ids.shape[0]), experts)
-        if prune_layer(i, stats):
-            outputs = [_run_layer(layer, *call) for call in calls]
-        calls = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs, strict=True)]
+        with resident(i):
+            device = next(layer.parameters()).device
+            inputs = [with_hidden(call, hidden_of(call).to(device)) for call in calls]
+            accumulators, handles = _watch(model, roles.modules_in_layer(i), kind)
+            experts, more = _watch_experts(model, roles.experts_in_layer(i) if kind == "norms" else [])
+            handles += more
+            try:
+                outputs = [run_layer(layer, *call)[0] for call in inputs]
+            finally:
+                for h in handles:
+                    h.remove()
+            stats = _with_experts(_collected(accumulators, kind, ids.shape[0]), experts)
+            if prune_layer(i, stats):
+                outputs = [run_layer(layer, *call)[0] for call in inputs]
+        calls = [
+            with_hidden(call, out.to(hidden_device or out.device))
+            for call, out in zip(calls, outputs, strict=True)
+        ]
         done, steps = i + 1, last + 1
-        progress(
-            Event("prune", done / steps, f"sequential pruning: layer {done}/{steps}", step=done, steps=steps)
-        )
+        message = f"{'sequential pruning' if stage == 'prune' else 'calibration pass'}: layer {done}/{steps}"
+        progress(Event(stage, done / steps, message, step=done, steps=steps))

@@ -3,6 +3,7 @@ explicit implementation of the paper's procedure, and Wanda beats magnitude prun
 
 import pytest
 import torch
+from reference_loop import feed_layer, linears
 from torch import nn
 
 from evaluation.perplexity import encoded
@@ -12,10 +13,6 @@ from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
 pytestmark = pytest.mark.model
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def paper_wanda(model, ids: torch.Tensor, sparsity: float, num_layers: int) -> None:
     """Wanda as written in the paper's code, by other means: each layer's inputs come from full
@@ -23,9 +20,9 @@ def paper_wanda(model, ids: torch.Tensor, sparsity: float, num_layers: int) -> N
     the int(in * s) lowest |W| * ||X||_2 are zeroed after a stable sort."""
     for i in range(num_layers):
         layer = model.model.layers[i]
-        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        scaler = {name: torch.zeros(m.in_features) for name, m in linears.items()}
-        seen = dict.fromkeys(linears, 0)
+        found = linears(layer)
+        scaler = {name: torch.zeros(m.in_features) for name, m in found.items()}
+        seen = dict.fromkeys(found, 0)
 
         def add_batch(name, scaler=scaler, seen=seen):
             def hook(_m, inp, _out):
@@ -36,19 +33,8 @@ def paper_wanda(model, ids: torch.Tensor, sparsity: float, num_layers: int) -> N
 
             return hook
 
-        def stop(*_):
-            raise _Stop
-
-        handles = [m.register_forward_hook(add_batch(n)) for n, m in linears.items()]
-        handles.append(layer.register_forward_hook(stop))
-        for j in range(ids.shape[0]):
-            try:
-                model(ids[j : j + 1], use_cache=False)
-            except _Stop:
-                pass
-        for h in handles:
-            h.remove()
-        for name, m in linears.items():
+        feed_layer(model, layer, ids, {m: add_batch(name) for name, m in found.items()})
+        for name, m in found.items():
             metric = m.weight.data.abs() * torch.sqrt(scaler[name].reshape(1, -1))
             order = torch.sort(metric, dim=-1, stable=True)[1]
             mask = torch.zeros_like(metric, dtype=torch.bool)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from reference_loop import feed_layer, linears
 from tiny import random_ids, tiny_model
 from torch import nn
 
@@ -191,34 +192,19 @@ def test_sparsegpt_refuses_use_variant():
 
 
 # ----- the real model ---------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def reference_sparsegpt(model, ids: torch.Tensor, sparsity: float, num_layers: int) -> None:
     """The reference loop by other means: each layer's Hessians from full forward passes (batch 1)
     of the model with the earlier layers already pruned, then fasterprune on every linear."""
     for i in range(num_layers):
         layer = model.model.layers[i]
-        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        gpts = {name: ReferenceSparseGPT(m) for name, m in linears.items()}
-
-        def stop(*_):
-            raise _Stop
-
-        handles = [
-            m.register_forward_hook(lambda _m, inp, out, g=gpts[n]: g.add_batch(inp[0].data, out.data))
-            for n, m in linears.items()
-        ]
-        handles.append(layer.register_forward_hook(stop))
-        for j in range(ids.shape[0]):
-            try:
-                model(ids[j : j + 1], use_cache=False)
-            except _Stop:
-                pass
-        for h in handles:
-            h.remove()
+        gpts = {m: ReferenceSparseGPT(m) for m in linears(layer).values()}
+        feed_layer(
+            model,
+            layer,
+            ids,
+            {m: lambda _m, inp, out, g=g: g.add_batch(inp[0].data, out.data) for m, g in gpts.items()},
+        )
         for gpt in gpts.values():
             gpt.fasterprune(sparsity)
 

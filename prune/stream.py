@@ -1,0 +1,231 @@
+"""Running a model one decoder layer at a time, over every calibration or evaluation window.
+
+This is how the Wanda and SparseGPT references prune models far bigger than the GPU: the inputs of
+the first layer are caught once, then each layer runs over all windows and its outputs become the
+next layer's inputs. ``sequential_pass`` (prune/stats.py) uses it on any model; a *streamed* model
+(``LayerStream``) uses it for everything, because only one decoder layer's weights are on the
+compute device at a time.
+
+A streamed model's decoder-layer weights wait in a store (CPU memory, or read lazily from the
+checkpoint's safetensors on disk) and stay dense there: the store is the dense snapshot, so pruning
+is reversible for free. A layer comes to the compute device for its turn with the current pruned
+state (masks, and the weights a method rewrote) applied, and goes back to "meta" after. Everything
+outside the layers (embeddings, final norm, head) stays on the compute device. A plain call of the
+model works too (generation, lm-eval): each layer is brought in for its own forward, which is slow.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from prune.apply import Masks, Values, apply_masks
+from prune.progress import checkpoint
+from prune.roles import RoleMap
+
+Call = tuple[tuple, dict]  # one batch's (args, kwargs) of a decoder layer call
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the input embeddings' device (the layers of a streamed model are meta)."""
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, roles: RoleMap, ids: torch.Tensor, batch_size: int) -> list[Call]:
+    """The hidden states and call arguments that reach the first decoder layer, per batch (the
+    references' ``Catcher``)."""
+    captured = []
+
+    def catch(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    first = roles.layers(model)[0]
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True, prepend=True)
+    try:
+        for chunk in ids.split(batch_size):
+            checkpoint()
+            try:
+                model(chunk.to(input_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
+    """The layer's hidden-state output, and what else it returned (kept to replay its output)."""
+    out = layer(*args, **kwargs)
+    return (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
+
+
+def with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def hidden_of(call: Call) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class LayerStream:
+    """The decoder layers of ``model`` live in ``store`` (full parameter name -> dense tensor, read
+    on demand) and come to ``device`` one at a time with the pruned state applied.
+
+    ``hidden_device`` is where every window's hidden states wait between layers in layer-by-layer
+    passes: the compute device when they fit, the CPU when not (the memory plan decides)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        roles: RoleMap,
+        device: torch.device,
+        store: Mapping[str, torch.Tensor],
+        store_kind: str,
+        hidden_device: torch.device,
+    ):
+        self.model, self.roles, self.device = model, roles, device
+        self.store, self.store_kind, self.hidden_device = store, store_kind, hidden_device
+        self.masks: Masks = {}
+        self.values: Values = {}
+        self._resident: set[int] = set()
+        self._slots: dict[int, list[tuple[nn.Module, str, str, bool]]] = {}
+        for i, layer in enumerate(roles.layers(model)):
+            prefix = f"{roles.layers_path}.{i}."
+            slots = [
+                (m, n, prefix + f"{name}.{n}".lstrip("."), True)
+                for name, m in layer.named_modules()
+                for n, p in m.named_parameters(recurse=False)
+                if p.is_meta
+            ]
+            slots += [
+                (m, n, prefix + f"{name}.{n}".lstrip("."), False)
+                for name, m in layer.named_modules()
+                for n, b in m.named_buffers(recurse=False)
+                if b.is_meta
+            ]
+            self._slots[i] = slots
+            layer.forward = functools.partial(self._streamed_forward, i, layer.forward)
+
+    def set_state(self, masks: Masks, values: Values) -> None:
+        """What the next uploads apply (the Pruner's current masks and rewritten weights)."""
+        self.masks, self.values = masks, values
+
+    def _streamed_forward(self, layer: int, forward: Callable, *args, **kwargs):
+        with self.resident(layer):
+            return forward(*args, **kwargs)
+
+    @contextmanager
+    def resident(self, layer: int) -> Iterator[None]:
+        """Layer ``layer``'s weights on the compute device, pruned as the current state says."""
+        if layer in self._resident:
+            yield
+            return
+        self._upload(layer)
+        try:
+            yield
+        finally:
+            self._offload(layer)
+
+    def _upload(self, layer: int) -> None:
+        for module, attr, name, is_param in self._slots[layer]:
+            tensor = self.store[name].to(self.device, copy=True)  # the store stays dense
+            if is_param:
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[attr] = tensor
+        self._resident.add(layer)
+        keys = [key for key in self.masks if key[0] == layer]
+        if keys:
+            values = {key: self.values[key] for key in keys if key in self.values}
+            apply_masks(self.model, self.roles, {key: self.masks[key] for key in keys}, values)
+
+    def _offload(self, layer: int) -> None:
+        for module, attr, _name, is_param in self._slots[layer]:
+            current = module._parameters[attr] if is_param else module._buffers[attr]
+            empty = torch.empty_like(current, device="meta")
+            if is_param:
+                module._parameters[attr] = nn.Parameter(empty, requires_grad=False)
+            else:
+                module._buffers[attr] = empty
+        self._resident.discard(layer)
+
+    def layer_bytes(self) -> int:
+        """The largest decoder layer's weights, what the compute device holds at a time."""
+        return max(
+            sum(m.get_parameter(a).nbytes if p else m.get_buffer(a).nbytes for m, a, _n, p in slots)
+            for slots in self._slots.values()
+        )
+
+
+def resident_fn(stream: LayerStream | None) -> Callable[[int], object]:
+    """``resident(layer)`` contexts for code that reads a layer's weights on any model."""
+    return stream.resident if stream is not None else (lambda layer: nullcontext())
+
+
+@torch.no_grad()
+def layerwise(
+    model: nn.Module,
+    roles: RoleMap,
+    ids: torch.Tensor,
+    batch_size: int,
+    hidden_device: torch.device | None = None,
+    resident: Callable[[int], object] | None = None,
+    on_layer: Callable[[int, int], None] = lambda done, steps: None,
+) -> tuple[list[Call], list]:
+    """Every batch of ``ids`` through all decoder layers, one layer at a time over all batches;
+    the calls (with the last layer's outputs as hidden states) and what else the last layer
+    returned. Same float operations, per batch, as calling the whole model."""
+    resident = resident or (lambda layer: nullcontext())
+    calls = layer_inputs(model, roles, ids, batch_size)
+    extras: list = []
+    layers = roles.layers(model)
+    for i, layer in enumerate(layers):
+        with resident(i):
+            outs = []
+            for call in calls:
+                checkpoint()
+                compute = hidden_of(call)
+                device = next((p.device for p in layer.parameters()), compute.device)
+                hidden, extra = run_layer(layer, *with_hidden(call, compute.to(device)))
+                outs.append((hidden.to(hidden_device or hidden.device), extra))
+        calls = [with_hidden(call, out) for call, (out, _) in zip(calls, outs, strict=True)]
+        extras = [extra for _, extra in outs]
+        on_layer(i + 1, len(layers))
+    return calls, extras
+
+
+@contextmanager
+def replayed(model: nn.Module, roles: RoleMap, hidden: torch.Tensor, extra) -> Iterator[None]:
+    """Every decoder layer returns ``hidden`` (the last layer's output, computed layer by layer)
+    for the block, so a plain model call runs only what lies around the layers (embeddings, final
+    norm, head, logit soft-capping) exactly as the whole model would."""
+    layers = roles.layers(model)
+    saved = [layer.__dict__.get("forward") for layer in layers]
+
+    def replay(*_args, **_kwargs):
+        return hidden if extra is None else (hidden, *extra)
+
+    for layer in layers:
+        layer.forward = replay
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, saved, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
