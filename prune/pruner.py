@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -96,7 +97,17 @@ class Pruner:
     def _stats_key(self, ids: torch.Tensor) -> str:
         lm = self.loaded
         text = f"{lm.name}|{lm.source}|{lm.model.config._name_or_path}|{lm.dtype}|{ids_digest(ids)}"
-        return hashlib.sha1(text.encode()).hexdigest()[:20]
+        return hashlib.sha1(text.encode() + self._fingerprint()).hexdigest()[:20]
+
+    def _fingerprint(self) -> bytes:
+        """What tells two models of the same name apart on disk: the config, the first rows of the
+        input embeddings (always in memory) and the checkpoint files' sizes and times."""
+        lm = self.loaded
+        rows = lm.model.get_input_embeddings().weight[:4].detach().float().cpu().numpy().tobytes()
+        folder = Path(lm.source).expanduser()
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        stamps = "".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return lm.model.config.to_json_string().encode() + rows + stamps.encode()
 
     def cached_statistics(
         self, ids: torch.Tensor, progress: Progress = silent, kind: str = "norms"

@@ -26,7 +26,7 @@ from prune.stream import (
     _Stop,
     hidden_of,
     input_device,
-    layer_inputs,
+    layer_calls,
     resident_fn,
     run_layer,
     with_hidden,
@@ -331,11 +331,12 @@ def sequential_pass(
     last = len(layers) - 1 if last_layer is None else last_layer
     resident = resident_fn(stream)
     hidden_device = stream.hidden_device if stream is not None else None
-    calls = layer_inputs(model, roles, ids, batch_size)
+    calls = layer_calls(model, roles, ids, batch_size)
+    hidden = [hidden_of(call) for call in calls[0]]
     for i, layer in enumerate(layers[: last + 1]):
         with resident(i):
             device = next(layer.parameters()).device
-            inputs = [with_hidden(call, hidden_of(call).to(device)) for call in calls]
+            inputs = [with_hidden(call, h.to(device)) for call, h in zip(calls[i], hidden, strict=True)]
             accumulators, handles = _watch(model, roles.modules_in_layer(i), kind)
             experts, more = _watch_experts(model, roles.experts_in_layer(i) if kind == "norms" else [])
             handles += more
@@ -347,10 +348,7 @@ def sequential_pass(
             stats = _with_experts(_collected(accumulators, kind, ids.shape[0]), experts)
             if prune_layer(i, stats):
                 outputs = [run_layer(layer, *call)[0] for call in inputs]
-        calls = [
-            with_hidden(call, out.to(hidden_device or out.device))
-            for call, out in zip(calls, outputs, strict=True)
-        ]
+        hidden = [out.to(hidden_device or out.device) for out in outputs]
         done, steps = i + 1, last + 1
         message = f"{'sequential pruning' if stage == 'prune' else 'calibration pass'}: layer {done}/{steps}"
         progress(Event(stage, done / steps, message, step=done, steps=steps))

@@ -40,27 +40,48 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, roles: RoleMap, ids: torch.Tensor, batch_size: int) -> list[Call]:
-    """The hidden states and call arguments that reach the first decoder layer, per batch (the
-    references' ``Catcher``)."""
-    captured = []
+def layer_calls(model: nn.Module, roles: RoleMap, ids: torch.Tensor, batch_size: int) -> list[list[Call]]:
+    """Per decoder layer, per batch: the arguments the model calls it with (the references'
+    ``Catcher``, for every layer: masks and position embeddings can differ by layer, as in
+    Gemma-3's sliding-window and global layers). One pass in which every layer only records its
+    call; hidden states past the first layer are placeholders, replaced as the layers run."""
+    layers = roles.layers(model)
+    calls: list[list[Call]] = [[] for _ in layers]
 
-    def catch(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
+    def recorder(i: int) -> Callable:
+        def forward(*args, **kwargs):
+            calls[i].append((args, kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_of((args, kwargs))
 
-    first = roles.layers(model)[0]
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True, prepend=True)
-    try:
+        return forward
+
+    with swapped_forwards(layers, [recorder(i) for i in range(len(layers))]):
         for chunk in ids.split(batch_size):
             checkpoint()
             try:
                 model(chunk.to(input_device(model)), use_cache=False)
             except _Stop:
                 pass
+    return calls
+
+
+@contextmanager
+def swapped_forwards(layers: nn.ModuleList, forwards: list[Callable]) -> Iterator[None]:
+    """Each layer's ``forward`` replaced for the block (its attributes, e.g. ``attention_type``,
+    stay what the model's own forward reads), then put back as it was."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer, forward in zip(layers, forwards, strict=True):
+        layer.forward = forward
+    try:
+        yield
     finally:
-        handle.remove()
-    return captured
+        for layer, forward in zip(layers, saved, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def run_layer(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
@@ -190,42 +211,31 @@ def layerwise(
     the calls (with the last layer's outputs as hidden states) and what else the last layer
     returned. Same float operations, per batch, as calling the whole model."""
     resident = resident or (lambda layer: nullcontext())
-    calls = layer_inputs(model, roles, ids, batch_size)
+    calls = layer_calls(model, roles, ids, batch_size)
+    hidden = [hidden_of(call) for call in calls[0]]
     extras: list = []
     layers = roles.layers(model)
     for i, layer in enumerate(layers):
         with resident(i):
             outs = []
-            for call in calls:
+            for call, states in zip(calls[i], hidden, strict=True):
                 checkpoint()
-                compute = hidden_of(call)
-                device = next((p.device for p in layer.parameters()), compute.device)
-                hidden, extra = run_layer(layer, *with_hidden(call, compute.to(device)))
-                outs.append((hidden.to(hidden_device or hidden.device), extra))
-        calls = [with_hidden(call, out) for call, (out, _) in zip(calls, outs, strict=True)]
+                device = next((p.device for p in layer.parameters()), states.device)
+                out, extra = run_layer(layer, *with_hidden(call, states.to(device)))
+                outs.append((out.to(hidden_device or out.device), extra))
+        hidden = [out for out, _ in outs]
         extras = [extra for _, extra in outs]
         on_layer(i + 1, len(layers))
-    return calls, extras
+    return [with_hidden(call, states) for call, states in zip(calls[-1], hidden, strict=True)], extras
 
 
-@contextmanager
-def replayed(model: nn.Module, roles: RoleMap, hidden: torch.Tensor, extra) -> Iterator[None]:
+def replayed(model: nn.Module, roles: RoleMap, hidden: torch.Tensor, extra):
     """Every decoder layer returns ``hidden`` (the last layer's output, computed layer by layer)
     for the block, so a plain model call runs only what lies around the layers (embeddings, final
     norm, head, logit soft-capping) exactly as the whole model would."""
     layers = roles.layers(model)
-    saved = [layer.__dict__.get("forward") for layer in layers]
 
     def replay(*_args, **_kwargs):
         return hidden if extra is None else (hidden, *extra)
 
-    for layer in layers:
-        layer.forward = replay
-    try:
-        yield
-    finally:
-        for layer, forward in zip(layers, saved, strict=True):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
+    return swapped_forwards(layers, [replay] * len(layers))

@@ -42,7 +42,7 @@ def test_tiny_families_stream_bitwise(arch, tmp_path):
         assert name.startswith(streamed.roles.layers_path)
     layer_weight = next(streamed.roles.layers(streamed.model)[0].parameters())
     assert layer_weight.is_meta  # nothing of the layers is held outside the store
-    ids = random_ids(4, 32)
+    ids = random_ids(4, 64)  # longer than Gemma-3's sliding window (32): its layers differ
     methods = ["wanda"] if arch in MOE_ARCHS else ["wanda", "sparsegpt"]
     memory_pruner, streamed_pruner = Pruner(memory), Pruner(streamed)  # each restores before pruning
     for method in methods:
@@ -57,7 +57,7 @@ def test_tiny_families_stream_bitwise(arch, tmp_path):
     recipe = Recipe(model=arch, stats_mode="cached", sparsity=parse_sparsity("all=0.5"))
     result = streamed_pruner.prune(recipe, ids=ids)
     memory_pruner.apply(result.masks)
-    windows = random_ids(3, 32, seed=1)
+    windows = random_ids(3, 64, seed=1)
     for k in range(3):
         expected = memory.model(windows[k : k + 1], use_cache=False).logits
         assert torch.equal(
@@ -147,3 +147,22 @@ def test_streamed_state_is_reversible(tmp_path):
     assert torch.equal(
         streamed.model(windows, use_cache=False).logits, memory.model(windows, use_cache=False).logits
     )
+
+
+@pytest.mark.model
+def test_the_memory_plan_streams_a_model_too_big_for_the_budget_and_refuses_with_numbers(smollm2_labs):
+    from prune.memory import MemoryPlanError, Workload
+
+    small = Workload(nsamples=4, seqlen=64, batch_size=1, eval_windows=4, eval_seqlen=128)
+    loaded = load("smollm2-135m-instruct", max_memory="cpu=600MB", workload=small)
+    assert loaded.plan.mode == "streamed" and loaded.stream is not None
+    assert loaded.stream.store_kind == loaded.plan.store == "disk"  # a CPU reads layers from disk
+    recipe = Recipe(sparsity=parse_sparsity("all=0.5"), stats_mode="cached", calibration=CALIBRATION)
+    lab = Lab(loaded)
+    assert _same(lab.prune(recipe).masks, smollm2_labs["off"].prune(recipe).masks)
+    smollm2_labs["off"].restore()
+    assert load("smollm2-135m-instruct", workload=small).plan.mode == "in-memory"
+    with pytest.raises(MemoryPlanError, match=r"GiB.*--max-memory"):
+        load("smollm2-135m-instruct", max_memory="cpu=100MB", workload=small)
+    with pytest.raises(MemoryPlanError, match="streaming off"):
+        load("smollm2-135m-instruct", max_memory="cpu=600MB", workload=small, streaming="off")

@@ -29,6 +29,7 @@ def _config(arch: str):
             head_dim=16,
             max_position_embeddings=256,
             sliding_window=32,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],  # both kinds
         )
     if arch == "phi":
         return tf.PhiConfig(**common, intermediate_size=96, max_position_embeddings=256)
