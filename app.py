@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--max-upload-mb", type=float, help="size of an uploaded text file")
     h.add_argument("--queue-size", type=int, help="heavy jobs waiting at most")
     h.add_argument("--job-seconds", type=float, help="time limit of one heavy job")
+    h.add_argument("--zero-gpu-seconds", type=float, help="ZeroGPU: the most GPU time one job asks for (120)")
     h.add_argument(
         "--cache-entries", type=int, help="calibration sets / statistics / ranks kept in memory (4)"
     )
@@ -109,6 +110,8 @@ def hosting_from(args: argparse.Namespace, device_type: str):
     )
     if args.session_ttl is not None:
         hosting.session_ttl_s = 60 * args.session_ttl
+    if args.zero_gpu_seconds is not None:
+        hosting.zero_gpu_max_s = args.zero_gpu_seconds
     return hosting
 
 
@@ -124,15 +127,13 @@ def persistent_cache() -> str | None:
 
 
 def startup_notes(engine) -> list[str]:
-    """What cannot work on this hardware, said at start (log and page header)."""
-    from ui.hosting import zero_gpu
-
+    """What this hardware changes or cannot do, said at start (log and page header)."""
     notes = []
-    if zero_gpu():
+    if engine.gpu is not None:
         notes.append(
-            "ZeroGPU hardware: each @spaces.GPU call runs in a separate worker with the weights copied "
-            "in, so masks applied in place would not survive between calls and the lab's one-model "
-            "design does not fit; this app runs on the CPU here. Choose CPU or a dedicated GPU."
+            "ZeroGPU: every heavy job runs in its own GPU call and asks for the GPU time it needs, at "
+            f"most {engine.hosting.zero_gpu_max_s:g} s; a larger job is refused or stopped there. "
+            "Your pruning lives in the GPU worker and is applied again when a call gets a fresh one."
         )
     return notes
 
@@ -145,7 +146,7 @@ def build_demo(engine):
     from ui.recipes import Controls, Defaults, build_recipe, readout
 
     defaults = Defaults.for_device(engine.require().loaded.device.type)
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 7200), analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=cache_bounds(engine), analytics_enabled=False) as demo:
         notes = "".join(f"  \n**Note:** {n}" for n in startup_notes(engine))
         gr.Markdown(
             f"# ✂️ {TITLE}\nPrune a language model with **Wanda** at a different sparsity for every module "
@@ -184,6 +185,13 @@ def build_demo(engine):
     return demo
 
 
+def cache_bounds(engine) -> tuple[int, int]:
+    """Gradio's ``delete_cache`` (every ``frequency`` s, files older than ``age`` s): what it serves
+    (uploads, exports not yet downloaded) lives no longer than an idle session, the TTL."""
+    ttl = max(1, round(engine.hosting.session_ttl_s))
+    return max(1, min(60, ttl // 4)), ttl
+
+
 def launch_options() -> dict:
     """Theme and CSS go to ``launch`` in Gradio 6; large text so a projector can show it."""
     import gradio as gr
@@ -210,12 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     from ui.hosting import expand_user, zero_gpu
 
     prune_cache.configure(args.cache_entries, args.cache_mb, args.disk_cache_mb)
-    device = "cpu" if zero_gpu() else args.device
+    device = args.device
+    if zero_gpu():
+        import spaces  # Gradio imported it first, and with it ZeroGPU's CUDA emulation here
+
+        spaces.disable_gradio_auto_wrap()  # handlers stay here; their heavy jobs go to the GPU
     try:
         set_data_dir(args.data_dir)
         hosting = hosting_from(args, resolve_device(device).type)
         engine = Engine(device=device, hosting=hosting)
         engine.offline = offline
+        if zero_gpu():
+            from ui import zerogpu
+
+            engine.gpu = zerogpu.gpu_function()  # before launch: workers are forked with it
         engine.load(expand_user(args.model), progress=lambda event: print(event.message, file=sys.stderr))
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -237,12 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(engine)
     limits = hosting.limits
     demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
+    from starlette.middleware import Middleware
+
+    from ui.export_tab import DeleteAfterDownload
+
     demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         auth=auth,
         max_file_size=None if limits.upload_mb is None else int(limits.upload_mb * 2**20),
+        app_kwargs={"middleware": [Middleware(DeleteAfterDownload)]},
         **launch_options(),
     )
     return 0

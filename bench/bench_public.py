@@ -129,7 +129,12 @@ def main() -> int:
                 errors[f"ORIGINAL CHANGED visitor {i}"] += 1
         elif mix == 2:  # a heavy job, cancelled; the queue must be free within 2 s
             job = c.submit(api_name="/prune", **HEAVY, layer_last=n)
-            time.sleep(1.5)
+            started = time.monotonic()  # cancel a job that runs: wait for its first output
+            while job.status().code.name not in ("ITERATING", "PROGRESS", "FINISHED"):
+                if time.monotonic() - started > 60:
+                    break
+                time.sleep(0.1)
+            time.sleep(1.0)
             t0 = time.monotonic()
             call("cancel", lambda: c.predict(api_name="/cancel"))
             try:
@@ -186,14 +191,17 @@ def main() -> int:
     call("export_recipe", lambda: first.predict(api_name="/export_recipe"))
     time.sleep(ttl_min * 60 * 2 + 2)
     rss_first = rss_mb(pid)
+    curve = []  # resident memory after every 10 sessions have expired: bounded or still growing?
     for k in range(args.sessions):
         c = Client(server.url, verbose=False)
         quick = dict(SMALL, method="magnitude", eval_datasets=[], q=10 + k % 50)  # masks, no evaluation
         call("prune", lambda c=c, quick=quick: c.predict(api_name="/prune", **quick))
         if k % 10 == 0:
             call("export_recipe", lambda c=c: c.predict(api_name="/export_recipe"))
-    time.sleep(ttl_min * 60 * 2 + 2)
-    rss_after = rss_mb(pid)
+        if k % 10 == 9 or k == args.sessions - 1:
+            time.sleep(ttl_min * 60 * 2 + 2)
+            curve.append(rss_mb(pid))
+    rss_after = curve[-1] if curve else rss_mb(pid)
     named = [line.split("exports: ", 1)[1].strip() for line in server.log.splitlines() if "exports: " in line]
     export_roots = [Path(named[-1])] if named else []
     files_left = sum(1 for r in export_roots for f in r.rglob("*") if f.is_file())
@@ -212,7 +220,8 @@ def main() -> int:
         f"lock free after cancel: max {max(cancel_free, default=float('nan')):.2f} s over "
         f"{len(cancel_free)} cancels (target < 2 s)",
         f"resident memory: {rss_first:.0f} MB after the first session, {rss_after:.0f} MB after "
-        f"{args.sessions} more opened and expired (growth {rss_after - rss_first:+.0f} MB; target < 100)",
+        f"{args.sessions} more opened and expired (growth {rss_after - rss_first:+.0f} MB; target < 100); "
+        f"after every 10: {', '.join(f'{m:.0f}' for m in curve)} MB",
         f"export files left after expiry: {files_left} (in {len(export_roots)} export folders; target 0)",
         f"per-visitor results untouched: {len(own) - mixed}/{len(own)} visitors had their own model and "
         f"sparsity; originals changed: {sum(v for k, v in errors.items() if k.startswith('ORIGINAL'))}",

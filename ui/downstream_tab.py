@@ -16,6 +16,7 @@ from evaluation.tasks import ALL7, estimate_seconds, evaluate_recipe_tasks
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, scrub, user_errors
 from ui.engine import Engine, Session
+from ui.hosting import JobSize
 from ui.recipes import Defaults
 
 HEADERS = ["task", "metric", "dense", "pruned", "delta", "n"]
@@ -98,8 +99,9 @@ def make_handlers(engine: Engine):
             with engine.pruned(session):
                 return evaluate_recipe_tasks(engine.lab, recipe, dense, lambda event: emit("progress", event))
 
+        tokens = estimate_seconds(tasks, _limit(limit), 1.0) * (2 if dense else 1)  # at 1 token/s
         yield [gr.skip(), gr.skip(), "Waiting for the model ...", gr.skip()]
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, JobSize(task_tokens=int(tokens))):
             if kind == "progress":
                 progress(payload.fraction, desc=payload.message)
         result = payload

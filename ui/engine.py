@@ -9,9 +9,9 @@ Sessions keep their masks bit-packed on the CPU (1 bit per weight).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import os
-import queue
 import shutil
 import socket
 import tempfile
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gradio.utils import get_upload_folder
 from torch import nn
 
 from evaluation.lab import Lab, RunResult
@@ -35,11 +36,17 @@ from prune.errors import LabError
 from prune.models import OFFLINE_MODELS, ModelLoadError
 from prune.progress import CancelToken, Event, Progress, cancellable, silent
 from prune.recipe import Recipe
-from ui.hosting import REFUSED_MODEL, Hosting, LimitExceeded, ModelRefused
+from ui import zerogpu
+from ui.hosting import REFUSED_MODEL, Hosting, JobSize, LimitExceeded, ModelRefused, gpu_seconds
+from ui.jobs import Emit, run_job
 from ui.recipes import ModelShape
 
-# Every session's files, below; a fresh folder per server process, removed when it exits.
-EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="pruning-lab-exports-"))
+# Every session's files, below; a fresh folder per server process, removed when it exits. It lies in
+# Gradio's upload folder: a file handed to a visitor from there is served as it is, while one from
+# anywhere else is first copied into it (a second copy of an exported model, hashed on the way).
+_UPLOADS = Path(get_upload_folder())
+_UPLOADS.mkdir(parents=True, exist_ok=True)
+EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="pruning-lab-exports-", dir=_UPLOADS))
 atexit.register(shutil.rmtree, EXPORT_ROOT, True)
 
 OFFLINE_CHOICES = [
@@ -76,6 +83,15 @@ def go_offline_if_no_hub() -> bool:
         return False
     os.environ["HF_HUB_OFFLINE"] = "1"
     return True
+
+
+def trim_heap() -> None:
+    """Hand freed heap back to the OS: glibc keeps what a thread freed in that thread's arena, and
+    every job runs in a thread of its own, so what expired sessions freed would stay resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 # ----- packed masks -------------------------------------------------------------------------------
@@ -215,6 +231,9 @@ class Engine:
         self.swaps = 0
         self.last_load_s = 0.0
         self._reaper: threading.Thread | None = None
+        # ZeroGPU (``ui.zerogpu``): the ``spaces.GPU`` function every heavy job runs in; None: here
+        self.gpu: Callable[[bytes, int], Iterator[bytes]] | None = None
+        zerogpu.register(self)
 
     # ----- the model ------------------------------------------------------------------------------
     def load(self, name: str, progress: Progress = silent, token: bool | None = None) -> Lab:
@@ -420,11 +439,15 @@ class Engine:
             token.cancel(reason)
         return len(tokens)
 
-    def heavy(self, session: Session, work: Callable[[Emit], Any]) -> Iterator[tuple[str, Any]]:
+    def heavy(
+        self, session: Session, work: Callable[[Emit], Any], size: JobSize | None = None
+    ) -> Iterator[tuple[str, Any]]:
         """``run_job`` for a heavy job of ``session``: admitted (one pending per session), queued first
         come first served (``("queue", jobs ahead)`` events while waiting), run under the host's time
         limit, cancellable (``Engine.cancel``, a closed page); the queue is free again within a
-        moment of a cancel because every long loop checks the token."""
+        moment of a cancel because every long loop checks the token. On ZeroGPU (``self.gpu``) the
+        job runs in a GPU worker that asks for the time ``size`` needs (``ui.zerogpu``)."""
+        gpu_s = self._gpu_seconds(session, size) if self.gpu is not None else 0
         token = self.admit(session)
         seconds = self.hosting.limits.job_seconds
 
@@ -435,6 +458,8 @@ class Engine:
                     if seconds:
                         token.deadline = time.monotonic() + seconds
                         token.seconds = seconds
+                    if self.gpu is not None:
+                        return zerogpu.run(self.gpu, self, session, work, gpu_s, emit)
                     return work(emit)
                 finally:
                     self.jobs.release(ticket)
@@ -448,6 +473,14 @@ class Engine:
                 yield kind, payload
         finally:
             self.release(session, token)
+
+    def _gpu_seconds(self, session: Session, size: JobSize | None) -> int:
+        """GPU time for a job of ``session`` (``ui.hosting.gpu_seconds``); raises ``LimitExceeded``."""
+        known = self._known.get(self.model_for(session))  # None: a model not loaded yet
+        limits, cap = self.hosting.limits, self.hosting.zero_gpu_max_s
+        if known is None:
+            return gpu_seconds(None, limits, 0, cap=cap)
+        return gpu_seconds(size, limits, known[1], self.tokens_per_s, cap)
 
     # ----- expiry ---------------------------------------------------------------------------------
     def expire(self, session: Session) -> None:
@@ -484,6 +517,7 @@ class Engine:
             self.expire(session)
         if idle:
             gc.collect()
+            trim_heap()
         return len(idle)
 
     def live_sessions(self) -> int:
@@ -504,41 +538,3 @@ class Engine:
 
         self._reaper = threading.Thread(target=loop, daemon=True, name="session-reaper")
         self._reaper.start()
-
-
-# ----- background jobs ----------------------------------------------------------------------------
-Emit = Callable[[str, Any], None]
-
-
-def run_job(work: Callable[[Emit], Any], token: CancelToken | None = None) -> Iterator[tuple[str, Any]]:
-    """Run ``work(emit)`` in its own thread and yield what it emits, then ``("done", result)``.
-
-    Gradio advances a sync generator from changing worker threads, so a lock held across
-    ``yield``s would be released by the wrong thread; the job's thread holds it instead. The job's
-    thread has ``token`` installed (``prune.progress.checkpoint``); closing this iterator (the page
-    went away) cancels it, and every ``emit`` checks it."""
-    events: queue.Queue = queue.Queue()
-    token = token or CancelToken()
-
-    def emit(kind: str, payload: Any) -> None:
-        token.check()  # stops the job at its next report
-        events.put((kind, payload))
-
-    def target() -> None:
-        try:
-            with cancellable(token):
-                events.put(("done", work(emit)))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread
-            events.put(("error", err))
-
-    threading.Thread(target=target, daemon=True, name="lab-job").start()
-    try:
-        while True:
-            kind, payload = events.get()
-            if kind == "error":
-                raise payload
-            yield kind, payload
-            if kind == "done":
-                return
-    finally:
-        token.cancel("the page that started this job is gone")

@@ -1,8 +1,15 @@
 """Export: the session's recipe (JSON and YAML, which ``python -m prune --recipe FILE`` reruns) and
-the pruned model itself as a zip of a ``save_pretrained`` (safetensors) folder."""
+the pruned model itself as a zip of a ``save_pretrained`` (safetensors) folder.
+
+A session's export folder holds at most one model zip (a new export replaces it). The zip lies in
+Gradio's upload folder (``ui.engine.EXPORT_ROOT``), so Gradio serves it without a copy of its own;
+it is deleted shortly after its download has been sent in full (``DeleteAfterDownload``, for the
+page and for API clients alike), else by Gradio's ``delete_cache`` after the session TTL, or when the
+session expires."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import shutil
@@ -14,8 +21,8 @@ import gradio as gr
 
 from evaluation.lab import versions
 from ui.common import HEAVY, LIGHT, PROGRESS, user_errors
-from ui.engine import Engine, Session
-from ui.hosting import LimitExceeded, free_disk_mb
+from ui.engine import EXPORT_ROOT, Engine, Session
+from ui.hosting import JobSize, LimitExceeded, free_disk_mb
 
 
 def _folder(session: Session, what: str) -> Path:
@@ -91,14 +98,15 @@ def make_handlers(engine: Engine):
             return archive
 
         yield [None, "Saving the pruned model ..."]
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, JobSize(saves_model=True)):
             if kind == "progress":
                 progress(payload[0], desc=payload[1])
         size = payload.stat().st_size / 2**20
         yield [
             str(payload),
             f"**{payload.name}** ({size:.0f} MiB): a save_pretrained folder with "
-            "safetensors weights, the tokenizer, recipe.json and pruning_result.json.",
+            "safetensors weights, the tokenizer, recipe.json and pruning_result.json. "
+            "The server deletes it shortly after it has been downloaded: download it once.",
         ]
 
     return export_recipe, export_model
@@ -122,9 +130,7 @@ def build(engine: Engine, session: gr.State) -> None:
     recipe_btn.click(
         export_recipe, [session], [recipe_files, recipe_code, cli_md], api_name="export_recipe", **LIGHT
     )
-    model_btn.click(export_model, [session], [model_file, model_md], api_name="export_model", **HEAVY).then(
-        lambda s: drop_exports(s, "model"), [session], None, api_name=False, **LIGHT
-    )
+    model_btn.click(export_model, [session], [model_file, model_md], api_name="export_model", **HEAVY)
 
 
 # ----- hosting: no server paths, bounded disk (issue 9) ---------------------------------------------
@@ -142,10 +148,10 @@ def shareable_recipe(recipe):
 
 
 def check_free_disk(engine: Engine, session: Session) -> None:
-    """An export writes the weights, then a zip of them, and Gradio copies the zip: ask for room
-    for three copies plus the host's margin before writing anything."""
+    """An export writes the weights, then a zip of them (Gradio serves the zip where it lies): ask
+    for room for two copies plus the host's margin before writing anything."""
     weights_mb = engine.info(session)["memory"]["weights_bytes"] / 2**20
-    need = 3 * weights_mb + engine.hosting.export_free_mb
+    need = 2 * weights_mb + engine.hosting.export_free_mb
     free = free_disk_mb(session.folder("model").parent)
     if free < need:
         raise LimitExceeded(
@@ -154,6 +160,59 @@ def check_free_disk(engine: Engine, session: Session) -> None:
         )
 
 
-def drop_exports(session: Session, what: str) -> None:
-    """After Gradio has copied the file for download, the session's own copy goes."""
-    shutil.rmtree(session.folder(what), ignore_errors=True)
+DOWNLOAD_GRACE_S = 3.0
+
+
+class DeleteAfterDownload:
+    """ASGI middleware (``launch(app_kwargs={"middleware": [...]})``): a model zip from
+    ``EXPORT_ROOT`` is deleted ``DOWNLOAD_GRACE_S`` after one GET of it has been answered in full
+    (status 200, last body chunk sent), unless a new export has replaced it by then. The grace lets
+    a client fetch it again at once: ``gradio_client`` fetches a generator's last file output twice.
+    A partial or ranged download, a HEAD or a dropped connection keeps it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = exported_model(scope)
+        if path is None:
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def watch(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            done = message["type"] == "http.response.pathsend" or (
+                message["type"] == "http.response.body" and not message.get("more_body", False)
+            )
+            if done and status == 200 and path.exists():
+                downloaded = _signature(path)
+                asyncio.get_running_loop().call_later(DOWNLOAD_GRACE_S, _drop, path, downloaded)
+
+        await self.app(scope, receive, watch)
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _drop(path: Path, downloaded: tuple[int, int, int]) -> None:
+    """Delete the downloaded zip, not a newer export written to the same name since."""
+    try:
+        if _signature(path) == downloaded:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def exported_model(scope: dict) -> Path | None:
+    """The model zip a request downloads (``GET .../file=<path>``), if it is one of ours."""
+    if scope["type"] != "http" or scope["method"] != "GET" or "/file=" not in scope["path"]:
+        return None
+    path = Path(scope["path"].split("/file=", 1)[1]).resolve()
+    inside = path.is_relative_to(EXPORT_ROOT.resolve())
+    return path if inside and path.suffix == ".zip" and path.parent.name == "model" else None

@@ -151,6 +151,52 @@ class Limits:
         return "Limits on this server: " + ", ".join(parts) + "." if parts else ""
 
 
+# ZeroGPU: the most GPU time one call asks for. The platform refuses a call that asks for more than
+# the visitor's tier allows per call or has left for the day; the tiers' numbers are not published
+# as such (docs/hub/spaces-zerogpu.md: 2 min a day unauthenticated, 3.5 min free, 25 min PRO).
+ZERO_GPU_MAX_S = 120.0
+ZERO_GPU_TOKENS_PER_S = 8e13  # / parameters: forward tokens a second on an H200 slice (see gpu_seconds)
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """How much one heavy job asks of the model, for the GPU time it requests on ZeroGPU."""
+
+    calibration_tokens: int = 0  # samples x tokens per sample (one statistics pass)
+    eval_tokens: int = 0  # evaluation windows x tokens per window, every model and point counted
+    task_tokens: int = 0  # lm-eval request tokens (``evaluation.tasks.estimate_seconds`` at 1 token/s)
+    new_tokens: int = 0  # generated tokens, every answer counted
+    saves_model: bool = False  # writes the weights and a zip of them
+
+
+def gpu_seconds(
+    size: JobSize | None,
+    limits: Limits,
+    parameters: int,
+    tokens_per_s: float | None = None,
+    cap: float = ZERO_GPU_MAX_S,
+) -> int:
+    """GPU seconds to ask ZeroGPU for: a fresh worker's start (fork, weights to the GPU) plus the
+    forward tokens at the measured throughput (else ``ZERO_GPU_TOKENS_PER_S / parameters``, from the
+    7B H200 benchmark, 262k calibration tokens in 9.4 s, scaled to a 3/7 slice; at most 100k/s),
+    25 ms a new token, twice that for safety. At most ``cap`` and the host's job time limit; an
+    unknown size asks for that much. A larger estimate is refused before anything runs."""
+    most = min(cap, limits.job_seconds or cap)
+    if size is None:
+        return int(most)
+    weight_gb = 2 * parameters / 1e9  # bf16
+    speed = tokens_per_s or min(1e5, ZERO_GPU_TOKENS_PER_S / max(parameters, 1))
+    forward = 3 * size.calibration_tokens + size.eval_tokens + size.task_tokens
+    work = forward / speed + 0.025 * size.new_tokens + (3 * weight_gb if size.saves_model else 0.0)
+    seconds = int(2 * (10 + weight_gb / 2 + work)) + 1
+    if seconds > most:
+        raise LimitExceeded(
+            f"this job needs about {seconds} s of GPU time; one ZeroGPU call here may take at most "
+            f"{most:g} s: ask for fewer tokens, windows, documents or points"
+        )
+    return seconds
+
+
 @dataclass
 class Hosting:
     """The host's profile (see the module docstring)."""
@@ -161,6 +207,7 @@ class Hosting:
     limits: Limits = field(default_factory=Limits.none)
     session_ttl_s: float = 3600.0  # idle sessions are freed after this
     export_free_mb: float = 2048.0  # an export needs this much free disk besides its own size
+    zero_gpu_max_s: float = ZERO_GPU_MAX_S  # ZeroGPU: the most GPU time one job asks for
 
     @classmethod
     def local(cls) -> Hosting:
@@ -216,8 +263,11 @@ def on_a_space() -> bool:
 
 
 def zero_gpu() -> bool:
-    """ZeroGPU hardware: the ``spaces`` package and its environment flag."""
-    return bool(os.environ.get("SPACES_ZERO_GPU")) or (on_a_space() and _has_spaces())
+    """ZeroGPU hardware: the platform's flag, read as the ``spaces`` package reads it
+    (``spaces/config.py``: "1", "t" or "true"), and that package importable. Other Spaces, a
+    dedicated GPU one too, may have ``spaces`` installed without the flag: they are not ZeroGPU."""
+    flag = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+    return flag and _has_spaces()
 
 
 def _has_spaces() -> bool:

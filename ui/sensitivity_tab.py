@@ -19,12 +19,13 @@ import gradio as gr
 from evaluation import plots as study_plots
 from evaluation import studies
 from evaluation.allocate import allocate_from_study
-from evaluation.tasks import ALL7
+from evaluation.tasks import ALL7, estimate_seconds
 from prune.errors import RecipeError
 from prune.roles import ROLES
 from ui import plots
 from ui.common import HEAVY, PROGRESS, LabTab, figure_box, no_api, user_errors
 from ui.engine import Engine, Session
+from ui.hosting import JobSize
 from ui.recipes import Controls, Defaults, calibration_spec
 
 KIND_CHOICES = [
@@ -149,7 +150,7 @@ def make_handlers(engine: Engine):
             )
 
         yield [gr.skip(), gr.skip(), gr.skip(), "Waiting for the model ...", None]
-        for kind_, payload in engine.heavy(session, work):
+        for kind_, payload in engine.heavy(session, work, study_size(options)):
             if kind_ == "progress":
                 progress(payload.fraction, desc=payload.message)
             elif kind_ == "point":
@@ -287,6 +288,23 @@ def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
 
 
 # ----- hosting: limits checked before anything runs (issue 9) ---------------------------------------
+def study_size(options: dict) -> JobSize | None:
+    """A study's work for its GPU time: one calibration pass, then every point and the dense model
+    evaluated (None: the whole test set, a size only a local run may ask for)."""
+    series = len(options["roles"]) if options["kind"] == "single" else 3
+    points = len(options["grid"]) * max(series, 1) + 1
+    calibration = options["calibration"]
+    tokens = calibration.nsamples * calibration.seqlen
+    if options["tasks"]:
+        per_point = estimate_seconds(options["tasks"], options["limit"], 1.0)  # tokens, at 1 token/s
+        return JobSize(calibration_tokens=tokens, task_tokens=int(points * per_point))
+    if not options["windows"]:
+        return None
+    return JobSize(
+        calibration_tokens=tokens, eval_tokens=points * options["windows"] * options["eval_seqlen"]
+    )
+
+
 def check_study_limits(engine: Engine, options: dict) -> None:
     """Study points (grid x roles, or grid x 3 series), calibration, windows and task documents."""
     limits = engine.hosting.limits
