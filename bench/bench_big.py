@@ -139,11 +139,12 @@ def child(args: argparse.Namespace) -> None:
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
     }
     if args.quantize:
-        from evaluation.quantized import quantization_table
+        from evaluation.quantized import markdown, quantization_table
 
-        out["quantized"] = quantization_table(
-            lab, recipe, tuple(args.quantize.split(",")), "wikitext2", args.windows, args.eval_seqlen
+        rows = quantization_table(
+            lab, recipe, tuple(args.quantize.split(",")), ("wikitext2",), args.windows, args.eval_seqlen
         )
+        out["quantized"] = markdown(rows)
     print("RESULT " + json.dumps(out, default=str))
 
 
@@ -200,7 +201,7 @@ def main() -> None:
                 value = getattr(args, flag)
                 if value is not None:
                     argv += [f"--{flag.replace('_', '-')}", str(value)]
-            if args.quantize and placement == args.placements.split(",")[0]:
+            if args.quantize and placement == "off":
                 argv += ["--quantize", args.quantize]
             done = subprocess.run(argv, capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -221,7 +222,7 @@ def main() -> None:
                 tables.append((model, r["quantized"]))
     for model, table in tables:
         print(f"\n{model}: weights and perplexity of the dense and pruned model, full precision vs quantized")
-        print(json.dumps(table, indent=1, default=str))
+        print(table)
 
 
 if __name__ == "__main__":

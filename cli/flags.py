@@ -10,9 +10,11 @@ import argparse
 import dataclasses
 from typing import NoReturn
 
+from cli.progress import Bar
 from evaluation.lab import Lab
+from prune import memory
 from prune.errors import LabError
-from prune.models import DEFAULT_MODEL, OFFLINE_MODELS
+from prune.models import DEFAULT_MODEL, OFFLINE_MODELS, resolve_device, resolve_dtype
 from prune.paths import set_data_dir
 from prune.progress import Progress
 from prune.recipe import CalibrationSpec, Recipe
@@ -48,6 +50,17 @@ def add_model_flags(parser: argparse.ArgumentParser, model_flag: bool = True) ->
         action="store_true",
         default=None,
         help="allow a hub model's own code to run (only for models you trust)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=memory.parse_max_memory,
+        help="memory budgets, e.g. cuda:0=20GiB,cpu=64GiB (default: what is free)",
+    )
+    parser.add_argument(
+        "--streaming",
+        choices=memory.STREAMING,
+        default="auto",
+        help="decoder layers one at a time on the device: auto (when the model does not fit), on, off",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -99,9 +112,38 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def show_memory_plan(args: argparse.Namespace, recipe: Recipe, bar: Bar) -> None:
+    """Print the memory plan for running ``recipe`` (its model, calibration, evaluation) before the
+    model loads; a run that cannot fit is refused here (``MemoryPlanError``), not minutes later.
+    Nothing is printed when the config cannot be read without loading (an offline model's first
+    start, no hub): loading then says what is wrong."""
+    source = memory.config_source(recipe.model, OFFLINE_MODELS)
+    if source is None:
+        return
+    device = resolve_device(recipe.device)
+    batch_size = getattr(args, "batch_size", None) or memory.default_batch_size(device)
+    try:
+        plan = memory.plan_for_source(
+            source,
+            resolve_dtype(recipe.dtype, device),
+            device,
+            memory.Workload.for_recipe(recipe, batch_size),
+            args.max_memory,
+            args.streaming,
+            revision=recipe.revision,
+            trust_remote_code=recipe.trust_remote_code,
+        )
+    except memory.ConfigUnavailable:
+        return
+    bar.message(plan.text())
+
+
 def open_lab(args: argparse.Namespace, recipe: Recipe, progress: Progress) -> Lab:
-    """Load the recipe's model into a Lab, with ``--batch-size`` applied."""
-    lab = Lab.open(recipe, progress)
-    if args.batch_size:
-        lab.batch_size = args.batch_size
-    return lab
+    """Load the recipe's model into a Lab as the memory plan says, with ``--batch-size`` applied."""
+    return Lab.open(
+        recipe,
+        progress,
+        streaming=args.streaming,
+        max_memory=args.max_memory,
+        batch_size=getattr(args, "batch_size", None),
+    )

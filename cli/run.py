@@ -13,10 +13,11 @@ from pathlib import Path
 
 from cli import flags
 from cli.progress import Bar
-from evaluation.lab import Lab
+from evaluation.quantized import markdown, quantization_table, recipe_key
 from prune import calibration
 from prune.methods import METHODS
 from prune.models import DEFAULT_MODEL
+from prune.quantize import QUANT_KINDS, check_backend, check_kind
 from prune.recipe import LAYER_SCHEDULES, OWL_LAMBDA, OWL_M, EvalSpec, Recipe, RecipeError, parse_sparsity
 from prune.roles import Target
 
@@ -64,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="lm-eval tasks: comma list or all7")
     p.add_argument("--limit", type=int, help="lm-eval examples per task")
     p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
+    p.add_argument(
+        "--quantize",
+        help=f"also evaluate bitsandbytes copies of the dense and pruned model: {' or '.join(QUANT_KINDS)} "
+        "(or both, comma-separated); needs bitsandbytes",
+    )
     p.add_argument("--save", help="write the pruned model here (safetensors, save_pretrained)")
     p.add_argument("--save-recipe", help="write the effective recipe here (.json or .yaml)")
     p.add_argument("--save-calibration", help="write the calibration token ids used (safetensors)")
@@ -117,9 +123,29 @@ def run(argv: list[str]) -> int:
     args = flags.parse(parser(), argv)
     recipe = build_recipe(args)
     ids = calibration.load_ids(args.calibration_ids) if args.calibration_ids else None
+    kinds = flags.comma_list(args.quantize) if args.quantize else ()
+    for kind in kinds:
+        check_kind(kind)
     with Bar(args.quiet) as bar:
+        flags.show_memory_plan(args, recipe, bar)
         lab = flags.open_lab(args, recipe, bar)
-        output = lab.run(recipe, bar, dense=not args.no_dense, ids=ids).to_dict(lab.model_info())
+        for kind in kinds:  # before pruning: a missing bitsandbytes or kernel says so at once
+            check_backend(kind, lab.loaded.device)
+        result = lab.run(recipe, bar, dense=not args.no_dense, ids=ids, key=recipe_key(recipe))
+        output = result.to_dict(lab.model_info())
+        if kinds:
+            ev = recipe.evaluation
+            output["quantized"] = quantization_table(
+                lab,
+                recipe,
+                kinds,
+                ev.datasets,
+                ev.max_windows,
+                ev.seqlen,
+                bar,
+                known=result.perplexity,
+                dense=not args.no_dense,
+            )
         if recipe.evaluation.tasks:
             from evaluation.tasks import evaluate_recipe_tasks
 
@@ -159,6 +185,8 @@ def summary(output: dict) -> list[str]:
     for row in output.get("tasks", {}).get("rows", []):
         if row["task"] == "mean":
             lines.append(f"tasks mean {row['metric']}: {_arrow(row['dense'], row['pruned'], '.4f')}")
+    if "quantized" in output:
+        lines.extend(markdown(output["quantized"]).splitlines())
     return lines
 
 
@@ -174,8 +202,10 @@ def info(argv: list[str]) -> int:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     flags.add_model_flags(p, model_flag=False)
     args = flags.parse(p, argv)
+    recipe = Recipe(**flags.model_fields(args))
     with Bar(args.quiet) as bar:
-        lab = Lab.open(Recipe(**flags.model_fields(args)), bar)
+        flags.show_memory_plan(args, recipe, bar)  # what a default run of this model would need
+        lab = flags.open_lab(args, recipe, bar)
     info = lab.model_info()
     roles = lab.loaded.roles
     info["role_modules"] = {role: [_module_name(roles.targets[(0, role)])] for role in roles.roles}

@@ -18,7 +18,7 @@ from evaluation.lab import Lab
 from evaluation.tasks import expand_tasks
 from prune.allocation import BOUNDS, OWL_LAMBDA, OWL_M
 from prune.methods import METHODS
-from prune.recipe import CalibrationSpec, Recipe, RecipeError
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe, RecipeError
 
 EPILOG = """\
 defaults (chosen so the single study of all seven roles on SmolLM2-135M fits in 30 minutes on a CPU
@@ -159,8 +159,17 @@ def study(argv: list[str]) -> int:
         )
         if not args.fresh:
             studies.resumable(out, settings)  # before the model loads (minutes, for a big one)
+    # every point: cached statistics of one calibration set, then the same evaluation
+    planned = Recipe(
+        **flags.model_fields(args),
+        method=getattr(args, "method", "wanda"),  # allocate compares Wanda allocations
+        stats_mode="cached",
+        calibration=calibration,
+        evaluation=EvalSpec((args.dataset,), args.eval_seqlen, windows),
+    )
     with Bar(args.quiet) as bar:
-        lab = flags.open_lab(args, Recipe(**flags.model_fields(args)), bar)
+        flags.show_memory_plan(args, planned, bar)
+        lab = flags.open_lab(args, planned, bar)
         if settings is None:
             return _allocate(args, lab, calibration, windows, out, bar)
         return _study(args, lab, settings, out, bar)

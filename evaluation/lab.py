@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,11 +18,14 @@ from torch import nn
 
 from evaluation.perplexity import PerplexityResult, perplexity
 from prune.apply import Masks, snapshot_place
-from prune.models import LoadedModel, load
+from prune.memory import Workload, default_batch_size
+from prune.models import LoadedModel, load, resolve_device
 from prune.progress import Event, Progress, scaled, silent
 from prune.pruner import Pruner, PruneResult
+from prune.quantize import QuantReport, check_kind, quantized_copy
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.stats import ActivationStats
+from prune.stream import resident_fn
 
 LAB_VERSION = "0.1.0"
 
@@ -71,11 +74,25 @@ class Lab:
         self.lock = threading.RLock()  # one job on the model at a time
         self._dense_ppl: dict[tuple, PerplexityResult] = {}
         self._state_key: Hashable | None = None  # who the applied masks belong to, if anyone said
+        # "dense" / "pruned" -> (kind, state key, masks, copy, report): quantized copies, one of each
+        self._quantized: dict[str, tuple] = {}
 
     @classmethod
-    def open(cls, recipe: Recipe, progress: Progress = silent, token: bool | str | None = None) -> Lab:
-        """Load the recipe's model (its revision, dtype, device and trust setting); ``token=False``
-        never sends the host's Hugging Face token."""
+    def open(
+        cls,
+        recipe: Recipe,
+        progress: Progress = silent,
+        token: bool | str | None = None,
+        *,
+        streaming: str = "auto",
+        max_memory: str | dict[str, int] | None = None,
+        batch_size: int | None = None,
+        sessions: int = 1,
+    ) -> Lab:
+        """Load the recipe's model (its revision, dtype, device and trust setting) as the memory plan
+        for running the recipe says (in memory or streamed; ``streaming``, ``max_memory`` as in
+        ``prune.models.load``); ``token=False`` never sends the host's Hugging Face token."""
+        batch = batch_size or default_batch_size(resolve_device(recipe.device))
         loaded = load(
             recipe.model,
             revision=recipe.revision,
@@ -84,8 +101,11 @@ class Lab:
             trust_remote_code=recipe.trust_remote_code,
             progress=lambda message: progress(Event("load", 0.0, message)),
             token=token,
+            streaming=streaming,
+            max_memory=max_memory,
+            workload=Workload.for_recipe(recipe, batch, sessions),
         )
-        return cls(loaded)
+        return cls(loaded, batch_size)
 
     # ----- what is loaded ------------------------------------------------------------------------
     def model_info(self) -> dict:
@@ -103,15 +123,21 @@ class Lab:
         }
 
     def memory(self) -> dict:
-        """Bytes the model, its dense copy and one session's bit-packed masks take, and where."""
+        """Bytes the model, its dense copy and one session's bit-packed masks take, and where. A
+        streamed model keeps no copy: its layer store (CPU memory or disk) is dense."""
         lm = self.loaded
         element = torch.finfo(lm.dtype).bits // 8
         linear = sum(lm.roles.param_counts(lm.model).values())
+        streamed = lm.stream is not None
         return {
             "weights_bytes": lm.num_parameters() * element,
-            "dense_copy_bytes": linear * element,  # the copy that makes pruning reversible
+            "dense_copy_bytes": 0 if streamed else linear * element,  # what makes pruning reversible
             "session_masks_bytes": (linear + 7) // 8,
-            "dense_copy_on": snapshot_place(self.pruner.dense, lm.device),
+            "dense_copy_on": (
+                f"none: streamed, layers wait on {lm.stream.store_kind}"
+                if streamed
+                else snapshot_place(self.pruner.dense, lm.device)
+            ),
         }
 
     @property
@@ -150,6 +176,7 @@ class Lab:
         self._check_model(recipe)
         with self.lock:
             self._state_key = None
+            self._quantized.pop("pruned", None)
             result = self.pruner.prune(recipe, progress, ids=ids)
             self._state_key = key
             return result
@@ -188,6 +215,31 @@ class Lab:
         """``with lab.dense() as model:`` runs on the dense weights, then the masks come back."""
         return self.using({})
 
+    def quantized(
+        self, kind: str, masks: Masks | None = None, key: Hashable | None = None
+    ) -> tuple[nn.Module, QuantReport]:
+        """A bitsandbytes ``kind`` copy (``prune.quantize``) of the model in the state ``masks``
+        describe (None: as it is now; {}: dense), and its report. One dense and one pruned copy are
+        kept (the pruned one until the next prune), so side-by-side generation builds each once."""
+        check_kind(kind)
+        with self.lock, self.using(masks, key) if masks is not None else nullcontext():
+            slot = "pruned" if self.pruner.masks else "dense"
+            held = self._quantized.get(slot)
+            same = held is not None and held[0] == kind
+            if same and slot == "pruned":
+                same = held[2] is self.pruner.masks or (held[1] is not None and held[1] == self._state_key)
+            if not same:
+                self._quantized.pop(slot, None)  # freed before the new copy is built
+                lm = self.loaded
+                built = quantized_copy(lm.model, lm.roles, kind, lm.device, resident_fn(lm.stream))
+                self._quantized[slot] = (kind, self._state_key, self.pruner.masks, *built)
+            return self._quantized[slot][3:]
+
+    def drop_quantized(self) -> None:
+        """Free the quantized copies (a later ``quantized`` builds them again)."""
+        with self.lock:
+            self._quantized.clear()
+
     def calibration_ids(self, calibration: CalibrationSpec) -> torch.Tensor:
         with self.lock:
             return self.pruner.calibration_ids(calibration)
@@ -218,6 +270,7 @@ class Lab:
                 windows,
                 progress=progress,
                 which=which,
+                stream=lm.stream,
             )
 
     def dense_perplexity(

@@ -5,6 +5,7 @@ GGUF files are dequantized once and cached as safetensors, so later loads take a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
+from prune.memory import MemoryPlan, Workload, model_size, plan_for_source
 from prune.paths import cache_dir
 from prune.roles import RoleMap, UnsupportedArchitecture, role_map
 from prune.stream import LayerStream
@@ -76,6 +78,7 @@ class LoadedModel:
     dtype: torch.dtype
     source: str  # where the weights came from
     stream: LayerStream | None = None  # set when the decoder layers stream through the device
+    plan: MemoryPlan | None = None  # how the memory plan chose to load it
 
     @property
     def max_length(self) -> int:
@@ -195,14 +198,18 @@ def load(
     trust_remote_code: bool = False,
     progress: Progress = lambda message: None,
     token: bool | str | None = None,
-    streaming: str = "off",
-    hidden_on: str = "device",
+    streaming: str = "auto",
+    max_memory: str | dict[str, int] | None = None,
+    workload: Workload | None = None,
 ) -> LoadedModel:
     """``token=False`` never sends a Hugging Face token (a web visitor's own hub id, say);
-    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does. ``streaming``: "off",
-    or where the decoder layers wait ("cpu" memory, "disk"); ``hidden_on``: where layer-by-layer
-    passes keep every window's hidden states ("device" or "cpu")."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does.
+
+    Before any weight loads, a memory plan (``prune.memory``) sizes the model and ``workload``
+    against the free memory (capped by ``max_memory``) and picks in memory or streamed
+    (``streaming``: "auto", "on", "off"), or refuses with the numbers. "cpu" or "disk" streams with
+    that store and no plan (tests, benchmarks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
@@ -216,21 +223,24 @@ def load(
         kwargs["token"] = token
     local = Path(source).expanduser().is_dir()
     use_safetensors = True if local and any(Path(source).expanduser().glob("*.safetensors")) else None
+    plan = None
     try:
+        if streaming in ("cpu", "disk"):
+            store, hidden_on = streaming, "gpu"
+        else:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+            plan = _plan(config, torch_dtype, target_device, workload, max_memory, streaming)
+            progress(f"Memory plan: {plan.headline()} ({plan.reason})")
+            store, hidden_on = (plan.store, plan.hidden) if plan.mode == "streamed" else (None, None)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        if streaming != "off":
+        if store is not None:
             model, stream = _load_streamed(
-                source, torch_dtype, target_device, streaming, hidden_on, kwargs, use_safetensors
+                source, torch_dtype, target_device, store, hidden_on, kwargs, use_safetensors
             )
         else:
-            model, stream = (
-                AutoModelForCausalLM.from_pretrained(
-                    source,
-                    dtype=torch_dtype,
-                    device_map=_device_map(source, torch_dtype, target_device, kwargs),
-                    **kwargs,
-                ),
-                None,
+            stream = None
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, use_safetensors=use_safetensors, **_placement(plan), **kwargs
             )
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and "trust_remote_code" in str(err):
@@ -246,7 +256,18 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     roles = stream.roles if stream is not None else _roles(model)
-    return LoadedModel(name, model, tokenizer, roles, target_device, torch_dtype, source, stream)
+    return LoadedModel(name, model, tokenizer, roles, target_device, torch_dtype, source, stream, plan)
+
+
+def _plan(config, dtype, device, workload, max_memory, streaming: str) -> MemoryPlan:
+    """The memory plan; on several GPUs a model too big for one is spread over them (in memory,
+    hidden states moved from GPU to GPU by accelerate's hooks) before it is streamed."""
+    plan = plan_for_source(config, dtype, device, workload or Workload(), max_memory, streaming)
+    if plan.mode == "streamed" and streaming == "auto" and device.type == "cuda":
+        spread = _spread_over_gpus(plan, model_size(config, dtype).weights_bytes)
+        if spread is not None:
+            return spread
+    return plan
 
 
 def _roles(model: nn.Module) -> RoleMap:
@@ -301,7 +322,7 @@ def _load_streamed(
         weights = {name: t.pin_memory() if pin else t for name, t in weights.items()}
     else:
         weights = loader
-    hidden = device if hidden_on == "device" else torch.device("cpu")
+    hidden = device if hidden_on == "gpu" else torch.device("cpu")
     return model, LayerStream(model, roles, device, weights, store, hidden)
 
 
@@ -325,19 +346,24 @@ def _offload_loader(model: nn.Module):
     raise ModelLoadError("this model could not be split for streaming (no offloaded layer weights)")
 
 
-def _device_map(source: str, dtype: torch.dtype, device: torch.device, kwargs: dict) -> str | None:
-    """``"auto"`` (spread over GPUs and CPU) only when the weights will not fit the one GPU."""
-    if device.type != "cuda":
+def _spread_over_gpus(plan: MemoryPlan, weights_bytes: int) -> MemoryPlan | None:
+    """In memory over every visible GPU when together they hold the weights with room to spare for
+    activations (the references' multi-GPU layout); None otherwise."""
+    count = torch.cuda.device_count()
+    if count < 2:
         return None
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in range(count))
+    if weights_bytes > 0.7 * free:
+        return None
+    return dataclasses.replace(
+        plan, mode="multi-gpu", store=None, hidden=None, reason=f"spread over {count} GPUs"
+    )
 
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        with init_empty_weights():
-            empty = AutoModelForCausalLM.from_config(config)
-        need = sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits // 8
-        free, _ = torch.cuda.mem_get_info(device)
-        return "auto" if need > 0.9 * free else None
-    except Exception:  # noqa: BLE001 - only a sizing hint; loading itself reports real errors
-        return None
+
+def _placement(plan: MemoryPlan | None) -> dict:
+    """accelerate's layout over the GPUs alone (never the CPU or disk: a weight left on "meta"
+    cannot be pruned) when the plan spreads the model; else nothing: it goes to one device."""
+    if plan is None or plan.mode != "multi-gpu":
+        return {}
+    budgets = {i: int(0.9 * torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
+    return {"device_map": "auto", "max_memory": budgets}

@@ -2,7 +2,8 @@
 
 One model in memory serves both: inside ``Engine.pruned(session)`` (the Lab holds its lock) the
 dense weights are swapped in for the original answer (``Lab.dense``), then the session's masks
-come back for the pruned answer. Same decoding settings and seed for both.
+come back for the pruned answer. Same decoding settings and seed for both. With int8 or NF4
+weights, both answers come from bitsandbytes copies of those two states (``Lab.quantized``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from evaluation.generate import (
     prompt_ids,
     stream,
 )
+from evaluation.quantized import FULL
+from prune.quantize import QUANT_KINDS
 from ui.common import HEAVY, user_errors
 from ui.engine import Engine, Session
 from ui.recipes import Defaults, recipe_summary
@@ -54,6 +57,7 @@ def make_generate(engine: Engine):
         seed: int,
         chat: bool,
         session: Session,
+        weights: str = FULL,
     ) -> Iterator[list[str]]:
         settings = settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat)
         if len(prompt or "") > PROMPT_CHARS:
@@ -72,13 +76,20 @@ def make_generate(engine: Engine):
             with engine.pruned(session) as pruned:
                 lab = engine.lab
                 tokenizer = lab.loaded.tokenizer
-                with lab.dense() as dense:
-                    for text in stream(dense, tokenizer, prompt, settings):
+                if weights == FULL:
+                    with lab.dense() as dense:
+                        for text in stream(dense, tokenizer, prompt, settings):
+                            emit("dense", text)
+                else:  # bitsandbytes copies of both states, kept by the lab until the next prune
+                    for text in stream(lab.quantized(weights, {})[0], tokenizer, prompt, settings):
                         emit("dense", text)
+                    pruned = lab.quantized(weights)[0]
                 for text in stream(pruned, tokenizer, prompt, settings):
                     emit("pruned", text)
 
         note = f"Pruned model: run #{session.runs} of this session ({recipe_summary(session.recipe)})"
+        if weights != FULL:
+            note += f"; both answers from {weights} copies"
         dense, pruned = "", ""
         for kind, payload in engine.heavy(session, work):
             if kind == "dense":
@@ -111,12 +122,18 @@ def build(engine: Engine, defaults: Defaults, session: gr.State) -> None:
             temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
             seed = gr.Number(0, precision=0, label="Seed")
+    weights = gr.Dropdown(
+        [FULL, *QUANT_KINDS],
+        value=FULL,
+        label="Weights",
+        info="int8 / nf4: bitsandbytes copies of the original and the pruned model (needs bitsandbytes)",
+    )
     button = gr.Button("Generate both", variant="primary", size="lg")
     note = gr.Markdown()
     with gr.Row(equal_height=True):
         dense = gr.Textbox(label="Original (dense)", lines=10, interactive=False, buttons=["copy"])
         pruned = gr.Textbox(label="Pruned (your last run)", lines=10, interactive=False, buttons=["copy"])
-    inputs = [prompt, max_new_tokens, greedy, temperature, top_p, seed, chat, session]
+    inputs = [prompt, max_new_tokens, greedy, temperature, top_p, seed, chat, session, weights]
     event = dict(fn=generate, inputs=inputs, outputs=[dense, pruned, note], **HEAVY)
     button.click(**event, api_name="generate")
     prompt.submit(**event, api_name=False)

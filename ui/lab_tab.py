@@ -15,8 +15,12 @@ import gradio as gr
 from evaluation.lab import RunResult
 from evaluation.perplexity import dataset_label
 from evaluation.speed import measure_24, semi_structured_support
+from prune import memory
+from prune.errors import LabError
+from prune.models import OFFLINE_MODELS, resolve_device, resolve_dtype
 from prune.paths import data_dir
 from prune.progress import Event
+from prune.recipe import Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
@@ -50,6 +54,7 @@ HISTORY_HEADERS = [
     "calibration pass",
     "seconds",
 ]
+PLAN_SETTINGS = ("method", "stats_mode", "nsamples", "seqlen", "eval_datasets", "eval_windows", "eval_seqlen")
 ROLE_INFO = {
     "q": "query",
     "k": "key",
@@ -101,6 +106,45 @@ def refresh(engine: Engine, session: Session | None = None) -> list:
         gr.Slider(maximum=last, value=last),
         gr.Dropdown(value=engine.hosting.display(shape.name)),
     ]
+
+
+def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
+    """The memory plan for model ``name`` on this server's device, with ``recipe``'s calibration and
+    evaluation, from the model's config alone (no weights); empty when there is none to show: a
+    model not offered here, an offline model not converted yet, a hub id without the hub."""
+    try:
+        source, token_ok = engine.hosting.resolve(name)
+        config = memory.config_source(source, OFFLINE_MODELS)
+        if config is None:
+            return ""
+        device = resolve_device(engine.device)
+        sessions = max(1, engine.live_sessions())
+        workload = memory.Workload.for_recipe(recipe, memory.default_batch_size(device), sessions)
+        dtype = resolve_dtype(engine.dtype, device)
+        plan = memory.plan_for_source(config, dtype, device, workload, token=None if token_ok else False)
+    except memory.ConfigUnavailable:
+        return ""
+    except memory.MemoryPlanError as err:
+        return f"**Memory plan:** this model does not fit here: {err}"
+    except LabError:
+        return ""
+    rows = "\n".join(f"| {memory.gib(r.bytes)} | {r.where} | {r.item} |" for r in plan.rows if r.counted)
+    return (
+        f"**Memory plan:** {plan.headline()}  \n<small>{plan.reason}</small>\n\n"
+        f"| GiB | where | for |\n|--:|---|---|\n{rows}\n\n<small>Total: {plan.totals_text()}</small>"
+    )
+
+
+def make_plan_handler(engine: Engine):
+    def memory_plan(choice: str, custom: str, **values) -> str:
+        """The memory plan for the model picked (not loaded yet) with the settings on the page."""
+        try:
+            recipe = build_recipe(Controls.from_values(values), engine.shape())
+        except LabError:
+            return ""
+        return memory_plan_markdown(engine, (custom or "").strip() or (choice or "").strip(), recipe)
+
+    return memory_plan
 
 
 # ----- results -------------------------------------------------------------------------------------
@@ -347,6 +391,15 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
             gr.Markdown("## 1 · Model")
             model_choice, model_text = model_widgets(engine, shape.name)
             load_btn = gr.Button("Load model", variant="secondary")
+            start = Controls(
+                nsamples=defaults.nsamples,
+                seqlen=defaults.seqlen,
+                eval_windows=defaults.eval_windows,
+                eval_seqlen=defaults.eval_seqlen,
+            )
+            plan_md = gr.Markdown(
+                memory_plan_markdown(engine, shape.name, build_recipe(start, shape)), elem_id="memory-plan"
+            )
             model_md = gr.Markdown(model_markdown(engine), elem_classes=["model-info"])
         with gr.Column(scale=3, min_width=480):
             gr.Markdown("## 2 · Sparsity per module")
@@ -515,6 +568,15 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         outputs=[status_md, ppl_table, role_plot, heat_plot, result_json, history_table, history_fig],
         api_name="prune",
         **HEAVY,
+    )
+    gr.on(
+        [model_choice.change, model_text.submit] + [controls[name].change for name in PLAN_SETTINGS],
+        make_plan_handler(engine),
+        inputs=[model_choice, model_text],
+        inputs_kwargs=controls,
+        outputs=plan_md,
+        api_name=False,
+        **LIGHT,
     )
     clear_btn.click(clear_history, [session], [history_table, history_fig], api_name="clear_history", **LIGHT)
     wire_cancel(engine, cancel_btn, session, [run_event])
