@@ -101,6 +101,23 @@ def test_the_lab_keeps_one_dense_and_one_pruned_copy_until_the_next_prune(pruned
     assert torch.equal(lab.masks[(0, "q")], masks[(0, "q")])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "falcon_new", "qwen2_moe"])
+def test_fused_transposed_viewed_and_expert_roles(arch):
+    """GPT-2's transposed Conv1D with q, k, v in row blocks, Phi-3's fused rows, Falcon's grouped
+    per-head views, Qwen2-MoE's fused experts (left in full precision, and said so)."""
+    lab = Lab(tiny_model(arch))
+    lab.prune(Recipe(model=arch, sparsity=parse_sparsity("all=0.5"), method="magnitude"))
+    copy, report = lab.quantized("nf4")
+    for role in report.roles:
+        pruned = sum(int(m.sum()) for (_, r), m in lab.masks.items() if r == role)
+        assert report.roles[role].zeros == pruned and report.roles[role].moved == 0, role
+    assert report.kept == (("mlp.experts",) if arch == "qwen2_moe" else ())
+    ids = random_ids(1, 16)
+    with torch.no_grad():
+        reference, out = lab.loaded.model(ids).logits, copy(ids).logits
+    assert (out - reference).norm() / reference.norm() < 0.25
+
+
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory) -> str:
     """A random 2-layer Llama with SmolLM2's tokenizer: the CLI and the app load it in a second."""
