@@ -129,23 +129,17 @@ class Limits:
     # ----- what the page shows ------------------------------------------------------------------
     def describe(self) -> str:
         """One line for beside the controls."""
-        parts = []
-        if self.calibration_tokens is not None:
-            parts.append(f"calibration ≤ {self.calibration_tokens:,} tokens")
-        if self.eval_windows is not None:
-            parts.append(f"≤ {self.eval_windows} evaluation windows")
-        if self.eval_seqlen is not None:
-            parts.append(f"≤ {self.eval_seqlen:,} tokens per window")
-        if self.task_docs is not None:
-            parts.append(f"≤ {self.task_docs:,} documents per task")
-        if self.study_points is not None:
-            parts.append(f"≤ {self.study_points} study points")
-        if self.new_tokens is not None:
-            parts.append(f"≤ {self.new_tokens} new tokens")
-        if self.upload_mb is not None:
-            parts.append(f"uploads ≤ {self.upload_mb:g} MB")
-        if self.job_seconds is not None:
-            parts.append(f"≤ {self.job_seconds / 60:g} min per job")
+        shown = [
+            ("calibration_tokens", lambda v: f"calibration ≤ {v:,} tokens"),
+            ("eval_windows", lambda v: f"≤ {v} evaluation windows"),
+            ("eval_seqlen", lambda v: f"≤ {v:,} tokens per window"),
+            ("task_docs", lambda v: f"≤ {v:,} documents per task"),
+            ("study_points", lambda v: f"≤ {v} study points"),
+            ("new_tokens", lambda v: f"≤ {v} new tokens"),
+            ("upload_mb", lambda v: f"uploads ≤ {v:g} MB"),
+            ("job_seconds", lambda v: f"≤ {v / 60:g} min per job"),
+        ]
+        parts = [text(getattr(self, name)) for name, text in shown if getattr(self, name) is not None]
         if self.pending_per_session < 1000:
             parts.append(f"{self.pending_per_session} job at a time per visitor")
         return "Limits on this server: " + ", ".join(parts) + "." if parts else ""
