@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from prune.models import DEFAULT_MODEL, OFFLINE_MODELS
+from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS
 
 TITLE = "Pruning lab"
 CSS = """
@@ -210,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     from ui.engine import go_offline_if_no_hub
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
-    from prune import cache as prune_cache
     from prune.errors import LabError
-    from prune.models import resolve_device
-    from prune.paths import set_data_dir
+    from runtime import cache as prune_cache
+    from runtime.models import resolve_device
+    from runtime.paths import set_data_dir
     from ui.engine import Engine
     from ui.hosting import expand_user, zero_gpu
 

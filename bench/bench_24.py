@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(why)
         return 0
     from evaluation.lab import Lab
-    from prune.models import load
-    from prune.paths import set_data_dir
     from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
+    from runtime.models import load
+    from runtime.paths import set_data_dir
 
     set_data_dir(args.data_dir)
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)

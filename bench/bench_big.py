@@ -43,8 +43,8 @@ def random_model(shape: str, dtype: torch.dtype) -> str:
     import transformers as tf
     from accelerate import init_empty_weights
 
-    from prune.models import DEFAULT_MODEL, OFFLINE_MODELS, _converted_dir
-    from prune.paths import cache_dir
+    from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, _converted_dir
+    from runtime.paths import cache_dir
 
     folder = cache_dir("bench-models", f"{shape}-{str(dtype).replace('torch.', '')}")
     if (folder / "config.json").exists():
@@ -93,9 +93,9 @@ def random_model(shape: str, dtype: torch.dtype) -> str:
 def child(args: argparse.Namespace) -> None:
     """One model, one placement: load, prune, evaluate; a JSON line with times and peaks."""
     from evaluation.lab import Lab
-    from prune.models import load
-    from prune.paths import set_data_dir
     from prune.recipe import CalibrationSpec, Recipe
+    from runtime.models import load
+    from runtime.paths import set_data_dir
 
     set_data_dir(args.data_dir)
     dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[args.dtype]

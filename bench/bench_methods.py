@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.lab import Lab  # noqa: E402
-from prune.paths import set_data_dir  # noqa: E402
 from prune.recipe import CalibrationSpec, Recipe  # noqa: E402
+from runtime.paths import set_data_dir  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURES = ("unstructured", "2:4")

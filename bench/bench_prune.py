@@ -24,10 +24,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.lab import Lab  # noqa: E402
-from prune.models import LoadedModel, load  # noqa: E402
-from prune.paths import set_data_dir  # noqa: E402
 from prune.recipe import CalibrationSpec, Recipe, parse_sparsity  # noqa: E402
 from prune.roles import role_map  # noqa: E402
+from runtime.models import LoadedModel, load  # noqa: E402
+from runtime.paths import set_data_dir  # noqa: E402
 
 SHAPES = {
     "tiny": dict(

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.lab import Lab  # noqa: E402
-from prune import pruner as pruner_module  # noqa: E402
-from prune.models import DEFAULT_MODEL, load  # noqa: E402
 from prune.recipe import CalibrationSpec, Recipe  # noqa: E402
+from runtime import pruner as pruner_module  # noqa: E402
+from runtime.models import DEFAULT_MODEL, load  # noqa: E402
 
 RATES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 

@@ -12,12 +12,12 @@ from typing import NoReturn
 
 from cli.progress import Bar
 from evaluation.lab import Lab
-from prune import memory
 from prune.errors import LabError
-from prune.models import DEFAULT_MODEL, OFFLINE_MODELS, resolve_device, resolve_dtype
-from prune.paths import set_data_dir
 from prune.progress import Progress
 from prune.recipe import CalibrationSpec, Recipe
+from runtime import memory
+from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, resolve_device, resolve_dtype
+from runtime.paths import set_data_dir
 
 NAMED_CALIBRATION = ("c4", "wikitext2", "generated")  # any other --calibration is a file
 MODEL_FIELDS = ("model", "revision", "dtype", "device", "trust_remote_code")  # what the model flags set

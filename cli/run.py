@@ -14,12 +14,12 @@ from pathlib import Path
 from cli import flags
 from cli.progress import Bar
 from evaluation.quantized import markdown, quantization_table, recipe_key
-from prune import calibration
 from prune.methods import METHODS
-from prune.models import DEFAULT_MODEL
-from prune.quantize import QUANT_KINDS, check_backend, check_kind
 from prune.recipe import LAYER_SCHEDULES, OWL_LAMBDA, OWL_M, EvalSpec, Recipe, RecipeError, parse_sparsity
 from prune.roles import Target
+from runtime import calibration
+from runtime.models import DEFAULT_MODEL
+from runtime.quantize import QUANT_KINDS, check_backend, check_kind
 
 EVAL_ALIASES = {"wikitext2", "c4"}
 

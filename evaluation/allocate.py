@@ -47,9 +47,9 @@ from prune.allocation import (
     layer_outlier_ratios,
     with_owl_offsets,
 )
-from prune.paths import data_dir
 from prune.progress import Progress, scaled, silent
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
+from runtime.paths import data_dir
 
 CURVE_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9]
 SELECT_WINDOWS = 8

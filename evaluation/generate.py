@@ -19,7 +19,7 @@ import torch
 
 from prune.errors import Cancelled, LabError
 from prune.progress import CancelToken, current_token
-from prune.stream import input_device
+from runtime.stream import input_device
 
 MAX_PROMPT_TOKENS = 1024
 MAX_NEW_TOKENS = 512

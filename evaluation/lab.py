@@ -17,15 +17,15 @@ import torch
 from torch import nn
 
 from evaluation.perplexity import PerplexityResult, perplexity
-from prune.apply import Masks, snapshot_place
-from prune.memory import Workload, default_batch_size
-from prune.models import LoadedModel, load, resolve_device
 from prune.progress import Event, Progress, scaled, silent
-from prune.pruner import Pruner, PruneResult
-from prune.quantize import QuantReport, check_kind, quantized_copy
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
-from prune.stats import ActivationStats
-from prune.stream import resident_fn
+from runtime.apply import Masks, snapshot_place
+from runtime.memory import Workload, default_batch_size
+from runtime.models import LoadedModel, load, resolve_device
+from runtime.pruner import Pruner, PruneResult
+from runtime.quantize import QuantReport, check_kind, quantized_copy
+from runtime.stats import ActivationStats
+from runtime.stream import resident_fn
 
 LAB_VERSION = "0.1.0"
 
@@ -91,7 +91,7 @@ class Lab:
     ) -> Lab:
         """Load the recipe's model (its revision, dtype, device and trust setting) as the memory plan
         for running the recipe says (in memory or streamed; ``streaming``, ``max_memory`` as in
-        ``prune.models.load``); ``token=False`` never sends the host's Hugging Face token."""
+        ``runtime.models.load``); ``token=False`` never sends the host's Hugging Face token."""
         batch = batch_size or default_batch_size(resolve_device(recipe.device))
         loaded = load(
             recipe.model,
@@ -218,7 +218,7 @@ class Lab:
     def quantized(
         self, kind: str, masks: Masks | None = None, key: Hashable | None = None
     ) -> tuple[nn.Module, QuantReport]:
-        """A bitsandbytes ``kind`` copy (``prune.quantize``) of the model in the state ``masks``
+        """A bitsandbytes ``kind`` copy (``runtime.quantize``) of the model in the state ``masks``
         describe (None: as it is now; {}: dense), and its report. One dense and one pruned copy are
         kept (the pruned one until the next prune), so side-by-side generation builds each once."""
         check_kind(kind)

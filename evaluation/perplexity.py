@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prune.data import TextSource, load_file, load_texts
 from prune.errors import LabError
 from prune.progress import Event, Progress, silent
-from prune.stream import LayerStream, hidden_of, input_device, layerwise, replayed
+from runtime.data import TextSource, load_file, load_texts
+from runtime.stream import LayerStream, hidden_of, input_device, layerwise, replayed
 
 
 class EvaluationError(LabError):

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from evaluation.lab import Lab
 from evaluation.perplexity import PerplexityResult, dataset_label, perplexity
 from prune.progress import Progress, silent
-from prune.quantize import check_kind, stored_bytes
 from prune.recipe import Recipe
+from runtime.quantize import check_kind, stored_bytes
 
 FULL = "full precision"
 

@@ -1,7 +1,7 @@
 """Downstream evaluation: zero-shot lm-eval tasks on the model as it is in memory (dense or pruned).
 
 The model is wrapped in lm-eval's ``HFLM`` as is, never saved and reloaded, so a pruned model is
-scored with its masks in place. With an offline data folder (``prune.paths.data_dir()``) the
+scored with its masks in place. With an offline data folder (``runtime.paths.data_dir()``) the
 tasks come from ``evaluation/lm_eval_tasks/``: twins of lm-eval's built-in tasks (same prompts,
 choices, targets, metrics and versions) that read ``<data_dir>/zeroshot/*.jsonl``. Without one,
 the harness's built-in tasks read the hub datasets.
@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prune.errors import RecipeError
-from prune.paths import cache_dir, data_dir
 from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import Recipe
-from prune.stream import input_device
+from runtime.paths import cache_dir, data_dir
+from runtime.stream import input_device
 
 ALL7 = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from prune.apply import Masks
 from prune.recipe import Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES, RoleMap
+from prune.state import Masks
 
 
 @dataclass

@@ -25,7 +25,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real offline default model, loaded once per test session (fp32 on CPU)."""
-    from prune.models import load
+    from runtime.models import load
 
     return load("smollm2-135m-instruct")
 

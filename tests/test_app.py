@@ -18,9 +18,9 @@ import pytest
 import torch
 from tiny import random_ids, tiny_model
 
-from prune.pruner import Pruner
 from prune.recipe import Recipe, RecipeError
 from prune.report import planned_counts
+from runtime.pruner import Pruner
 from ui.engine import PackedMasks, run_job
 from ui.recipes import Controls, ModelShape, build_recipe, preset, readout
 

@@ -1,4 +1,4 @@
-"""The layout is the architecture: front ends -> evaluation -> prune, no cycles, one door.
+"""The layout is the architecture: front ends -> evaluation -> runtime -> prune, no cycles, one door.
 
 These tests read the source (and import prune.* in a fresh interpreter); they load no model.
 """
@@ -13,8 +13,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("prune", "evaluation", "ui", "cli")
-LAYER = {"prune": 0, "evaluation": 1, "ui": 2, "cli": 2, "app": 3}  # a module imports lower layers only
+PACKAGES = ("prune", "runtime", "evaluation", "ui", "cli")
+LAYER = {
+    "prune": 0,
+    "runtime": 1,
+    "evaluation": 2,
+    "ui": 3,
+    "cli": 3,
+    "app": 4,
+}  # a module imports lower layers only
 
 
 def project_files() -> dict[str, Path]:
@@ -64,7 +71,7 @@ def test_importing_prune_pulls_in_no_front_end_or_evaluation():
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('evaluation', 'ui', 'cli', 'app', 'gradio', 'lm_eval', 'matplotlib'))))\n"
+        "('runtime', 'evaluation', 'ui', 'cli', 'app', 'gradio', 'lm_eval', 'matplotlib'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert len(modules) > 10
@@ -115,7 +122,7 @@ def test_only_the_lab_prunes_or_takes_the_lock():
     lock = re.compile(r"\.lock\b")
     offenders = []
     for name, path in project_files().items():
-        if name in ("evaluation.lab", "prune.pruner"):
+        if name in ("evaluation.lab", "runtime.pruner"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]

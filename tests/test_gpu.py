@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny import random_ids, tiny_model
 
-from prune.pruner import Pruner
 from prune.recipe import Recipe, parse_sparsity
+from runtime.pruner import Pruner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from prune.cache import LRU, cap_folder
 from prune.errors import Cancelled
 from prune.progress import CancelToken, cancellable, checkpoint
+from runtime.cache import LRU, cap_folder
 from ui.common import scrub, scrub_paths
 from ui.engine import JobQueue
 from ui.hosting import REFUSED_MODEL, Hosting, LimitExceeded, Limits, ModelRefused

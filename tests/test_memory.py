@@ -12,8 +12,9 @@ import transformers as tf
 from test_cli import assert_user_error, bad_run, cli
 from tiny import ARCHS, MOE_ARCHS, VOCAB, _config, random_ids, tiny_model
 
-from prune.apply import DenseWeights
-from prune.memory import (
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe
+from runtime.apply import DenseWeights
+from runtime.memory import (
     Budget,
     ConfigUnavailable,
     GiB,
@@ -27,9 +28,8 @@ from prune.memory import (
     plan_for_source,
     plan_memory,
 )
-from prune.models import OFFLINE_MODELS
-from prune.recipe import CalibrationSpec, EvalSpec, Recipe
-from prune.stats import dense_pass
+from runtime.models import OFFLINE_MODELS
+from runtime.stats import dense_pass
 
 LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, vocab_size=32000)
 LLAMA_13B = dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, vocab_size=32000)

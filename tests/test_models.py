@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from prune.calibration import CalibrationError, calibration_ids
-from prune.models import load
 from prune.recipe import CalibrationSpec
+from runtime.calibration import CalibrationError, calibration_ids
+from runtime.models import load
 
 
 @pytest.mark.model

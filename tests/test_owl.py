@@ -11,8 +11,8 @@ import pytest
 from tiny import random_ids, tiny_model
 
 from prune import allocation as pa
-from prune.pruner import Pruner
 from prune.recipe import Recipe, RecipeError, parse_sparsity
+from runtime.pruner import Pruner
 
 RATIOS = [0.010, 0.012, 0.030, 0.008, 0.015, 0.011, 0.009, 0.020]
 
@@ -125,7 +125,7 @@ def test_band_variant_stays_in_band():
 # ----- the pruner applies it -----------------------------------------------------------------------
 @pytest.fixture
 def private_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr("prune.pruner.cache_dir", lambda *parts: tmp_path)
+    monkeypatch.setattr("runtime.pruner.cache_dir", lambda *parts: tmp_path)
 
 
 @pytest.mark.parametrize("stats_mode", ["cached", "sequential"])

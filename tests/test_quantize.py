@@ -2,7 +2,7 @@
 shared, the original is left bitwise as it was, and a streamed model is copied layer by layer.
 
 The weights a copy computes with are read back here with bitsandbytes' own functions (int8: codes x
-row scale / 127), independently of ``prune.quantize``'s zero check, and compared with the masks.
+row scale / 127), independently of ``runtime.quantize``'s zero check, and compared with the masks.
 """
 
 import hashlib
@@ -18,9 +18,9 @@ from tiny import random_ids, save_tiny_chat_model, tiny_model
 
 from evaluation.lab import Lab
 from evaluation.quantized import markdown, quantization_table
-from prune.models import load
-from prune.quantize import QuantizationError, quantize_linear, quantized_copy
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe, parse_sparsity
+from runtime.models import load
+from runtime.quantize import QuantizationError, quantize_linear, quantized_copy
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 MODULES.update({"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"})

@@ -7,8 +7,8 @@ from reference_loop import feed_layer, linears
 from torch import nn
 
 from evaluation.perplexity import encoded
-from prune.pruner import Pruner
 from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
+from runtime.pruner import Pruner
 
 pytestmark = pytest.mark.model
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny import ARCHS, MOE_ARCHS, random_ids, tiny_model
 
-from prune.pruner import Pruner
 from prune.recipe import Recipe, RecipeError, parse_sparsity
+from runtime.pruner import Pruner
 
 ROUTERS = ("mlp.gate.weight", "shared_expert_gate.weight")
 

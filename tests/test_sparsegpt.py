@@ -13,11 +13,11 @@ from tiny import random_ids, tiny_model
 from torch import nn
 
 from evaluation.lab import Lab
-from prune.pruner import Pruner
 from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
 from prune.roles import ROLES
 from prune.sparsegpt import inverse_hessian, sparsegpt_prune
-from prune.stats import RunningHessian
+from runtime.pruner import Pruner
+from runtime.stats import RunningHessian
 
 
 class ReferenceSparseGPT:

@@ -12,9 +12,9 @@ from tiny import ARCHS, MOE_ARCHS, random_ids, tiny_model
 from evaluation.generate import DecodingSettings, generate
 from evaluation.lab import Lab
 from evaluation.perplexity import window_logits
-from prune.models import LoadedModel, _load_streamed, load
-from prune.pruner import Pruner
 from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
+from runtime.models import LoadedModel, _load_streamed, load
+from runtime.pruner import Pruner
 
 CALIBRATION = CalibrationSpec(source="c4", nsamples=4, seqlen=64)
 
@@ -151,7 +151,7 @@ def test_streamed_state_is_reversible(tmp_path):
 
 @pytest.mark.model
 def test_the_memory_plan_streams_a_model_too_big_for_the_budget_and_refuses_with_numbers(smollm2_labs):
-    from prune.memory import MemoryPlanError, Workload
+    from runtime.memory import MemoryPlanError, Workload
 
     small = Workload(nsamples=4, seqlen=64, batch_size=1, eval_windows=4, eval_seqlen=128)
     loaded = load("smollm2-135m-instruct", max_memory="cpu=600MB", workload=small)

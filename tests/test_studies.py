@@ -169,7 +169,7 @@ def lab(smollm2, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("stats")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("prune.pruner.cache_dir", lambda *parts: folder)
+        mp.setattr("runtime.pruner.cache_dir", lambda *parts: folder)
         lab = Lab(smollm2)
         yield lab
         lab.restore()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from prune.models import LoadedModel
 from prune.roles import role_map
+from runtime.models import LoadedModel
 
 VOCAB = 128
 
@@ -126,7 +126,7 @@ def save_tiny_chat_model(folder, seed: int = 0):
 
     import transformers as tf
 
-    from prune.models import DEFAULT_MODEL, OFFLINE_MODELS, _converted_dir
+    from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, _converted_dir
 
     tokenizer_source = _converted_dir(OFFLINE_MODELS[DEFAULT_MODEL], lambda message: None)
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_source)

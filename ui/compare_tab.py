@@ -21,7 +21,7 @@ from evaluation.generate import (
     stream,
 )
 from evaluation.quantized import FULL
-from prune.quantize import QUANT_KINDS
+from runtime.quantize import QUANT_KINDS
 from ui.common import HEAVY, user_errors
 from ui.engine import Engine, Session
 from ui.recipes import Defaults, recipe_summary

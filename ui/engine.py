@@ -31,11 +31,11 @@ from gradio.utils import get_upload_folder
 from torch import nn
 
 from evaluation.lab import Lab, RunResult
-from prune.apply import Masks
 from prune.errors import LabError
-from prune.models import OFFLINE_MODELS, ModelLoadError
 from prune.progress import CancelToken, Event, Progress, cancellable, silent
 from prune.recipe import Recipe
+from runtime.apply import Masks
+from runtime.models import OFFLINE_MODELS, ModelLoadError
 from ui import zerogpu
 from ui.hosting import REFUSED_MODEL, Hosting, JobSize, LimitExceeded, ModelRefused, gpu_seconds
 from ui.jobs import Emit, run_job

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prune.errors import LabError
-from prune.models import OFFLINE_MODELS
+from runtime.models import OFFLINE_MODELS
 
 # One message for every model a visitor may not have, exists or not, so nobody can probe the disk.
 REFUSED_MODEL = "That model is not available on this server."

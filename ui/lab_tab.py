@@ -15,13 +15,13 @@ import gradio as gr
 from evaluation.lab import RunResult
 from evaluation.perplexity import dataset_label
 from evaluation.speed import measure_24, semi_structured_support
-from prune import memory
 from prune.errors import LabError
-from prune.models import OFFLINE_MODELS, resolve_device, resolve_dtype
-from prune.paths import data_dir
 from prune.progress import Event
 from prune.recipe import Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
+from runtime import memory
+from runtime.models import OFFLINE_MODELS, resolve_device, resolve_dtype
+from runtime.paths import data_dir
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
 from ui.engine import MODEL_CHOICES, Engine, Session

@@ -2,7 +2,7 @@
 
 This is how the Wanda and SparseGPT references prune models far bigger than the GPU: the inputs of
 the first layer are caught once, then each layer runs over all windows and its outputs become the
-next layer's inputs. ``sequential_pass`` (prune/stats.py) uses it on any model; a *streamed* model
+next layer's inputs. ``sequential_pass`` (runtime/stats.py) uses it on any model; a *streamed* model
 (``LayerStream``) uses it for everything, because only one decoder layer's weights are on the
 compute device at a time.
 
@@ -23,9 +23,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from prune.apply import Masks, Values, apply_masks
 from prune.progress import checkpoint
 from prune.roles import RoleMap
+from runtime.apply import Masks, Values, apply_masks
 
 Call = tuple[tuple, dict]  # one batch's (args, kwargs) of a decoder layer call
 

@@ -18,21 +18,21 @@ from pathlib import Path
 
 import torch
 
-from prune import calibration
 from prune.allocation import layer_outlier_ratios, schedule_per_layer
-from prune.apply import DenseWeights, Masks, Values, apply_masks, join_masks, touched_modules
-from prune.cache import LRU, cap_folder
 from prune.masks import mask_from_ranks, row_ranks
 from prune.methods import method_mask
-from prune.models import LoadedModel
-from prune.paths import cache_dir
 from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.report import SparsityReport, sparsity_report
 from prune.roles import ROLES
 from prune.sparsegpt import sparsegpt_prune
-from prune.stats import ActivationStats, dense_pass, sequential_pass
-from prune.stream import resident_fn
+from runtime import calibration
+from runtime.apply import DenseWeights, Masks, Values, apply_masks, join_masks, touched_modules
+from runtime.cache import LRU, cap_folder
+from runtime.models import LoadedModel
+from runtime.paths import cache_dir
+from runtime.stats import ActivationStats, dense_pass, sequential_pass
+from runtime.stream import resident_fn
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Pruner:
         self.masks: Masks = {}  # what is applied to the model now
         self.values: Values = {}  # and the weights a method rewrote, for switching back to them
         self.calibration_passes = 0  # forward passes over calibration sets, ever
-        # Bounded LRUs (prune.cache: entries and bytes, set by the host), not ever-growing dicts.
+        # Bounded LRUs (runtime.cache: entries and bytes, set by the host), not ever-growing dicts.
         self._ids: LRU = LRU()  # calibration spec key -> ids
         self._stats: LRU = LRU()  # statistics key -> ActivationStats
         # Row ranks of dense scores per (stats key, method): re-pruning is then one comparison

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 from prune.roles import RoleMap
-
-Masks = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> bool (rows, in), True = pruned
-Values = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> the weights a method rewrote (SparseGPT)
+from prune.state import Masks, Values
 
 
 class DenseWeights:

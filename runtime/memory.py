@@ -5,7 +5,7 @@ sizes everything from the model's config alone (an empty model on the "meta" dev
 read) and picks how to run:
 
 - **in-memory**: the whole model on the compute device, the usual case;
-- **streamed** (``prune/stream.py``): what lies outside the decoder layers (embeddings, final norm,
+- **streamed** (``runtime/stream.py``): what lies outside the decoder layers (embeddings, final norm,
   head) stays on the compute device and the decoder layers come to it one at a time; they wait,
   dense, in CPU memory (``store="cpu"``) or are read lazily from the checkpoint's safetensors on
   disk (``store="disk"``) when CPU memory is short; the hidden states of every window wait between
@@ -15,7 +15,7 @@ read) and picks how to run:
 What each item costs (``e``: bytes per weight in the model's dtype):
 
 - weights: every parameter, tied embeddings once. The dense copy of the pruned matrices makes
-  pruning reversible (``prune.apply.DenseWeights``: on the GPU when it has room for three times its
+  pruning reversible (``runtime.apply.DenseWeights``: on the GPU when it has room for three times its
   size, else on the CPU); a streamed model needs none, its store stays dense. SparseGPT keeps the
   weights it rewrote as well.
 - calibration: where a pass goes layer by layer (sequential statistics, any streamed pass), the
@@ -46,13 +46,13 @@ from pathlib import Path
 import torch
 
 from prune.errors import LabError
-from prune.paths import cache_dir
 from prune.recipe import Recipe
 from prune.roles import RoleMap, role_map
+from runtime.paths import cache_dir
 
 GiB = 2**30
 HEADROOM = 0.9  # the share of what is free a plan may use
-SNAPSHOT_ROOM = 3  # the dense copy goes on the GPU only with 3x its size free there (prune.apply)
+SNAPSHOT_ROOM = 3  # the dense copy goes on the GPU only with 3x its size free there (runtime.apply)
 RESIDENT_LAYERS = {"cuda": 2, "cpu": 1}  # streamed: the layer running (and, on a GPU, the next)
 WIKITEXT2_TOKENS = 350_000  # WikiText-2's test split tokenized (Llama's vocabulary: ~340k tokens)
 C4_WINDOWS = 256  # the C4 protocol: 256 windows of seqlen tokens
@@ -71,7 +71,7 @@ UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-# Linears that read the very same input share one Hessian (prune.stats._watch): these groups.
+# Linears that read the very same input share one Hessian (runtime.stats._watch): these groups.
 HESSIAN_GROUP = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
 
 
@@ -207,7 +207,7 @@ def _widest(model, roles: RoleMap, layer: int) -> int:
 
 
 def _norm_columns(model, roles: RoleMap, layer: int) -> int:
-    """Input columns with a squared norm in one layer, as ``prune.stats`` keeps them."""
+    """Input columns with a squared norm in one layer, as ``runtime.stats`` keeps them."""
     columns = {}
     for role in roles.roles:
         for piece in roles.targets[(layer, role)].pieces():
@@ -648,7 +648,7 @@ def _streamed(size: ModelSize, budget: Budget, work: Workload, store: str, hidde
 # ----- from a model's name -----------------------------------------------------------------------
 def config_source(name: str, offline: Collection[str]) -> str | None:
     """Where ``name``'s config.json can be read without loading it: an offline alias's converted
-    folder in the cache (where ``prune.models`` keeps it; None before the first load converts it),
+    folder in the cache (where ``runtime.models`` keeps it; None before the first load converts it),
     else ``name`` itself (a local folder or a hub id)."""
     if name not in offline:
         return name
@@ -687,7 +687,7 @@ def plan_for_source(
     trust_remote_code: bool = False,
     token=None,
 ) -> MemoryPlan:
-    """The plan for a model given by its config (what ``prune.models.load`` has read) or by a local
+    """The plan for a model given by its config (what ``runtime.models.load`` has read) or by a local
     folder or hub id (its config is read; a hub checkpoint not yet downloaded must fit on disk).
     ``max_memory``: text as ``parse_max_memory`` reads it, or its result."""
     if isinstance(source_or_config, str):

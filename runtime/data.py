@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prune.errors import LabError
-from prune.paths import data_dir
+from runtime.paths import data_dir
 
 
 class DataError(LabError):

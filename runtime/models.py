@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
-from prune.memory import MemoryPlan, Workload, model_size, plan_for_source
-from prune.paths import cache_dir
 from prune.roles import RoleMap, UnsupportedArchitecture, role_map
-from prune.stream import LayerStream
+from runtime.memory import MemoryPlan, Workload, model_size, plan_for_source
+from runtime.paths import cache_dir
+from runtime.stream import LayerStream
 
 Progress = Callable[[str], None]
 
@@ -205,7 +205,7 @@ def load(
     """``token=False`` never sends a Hugging Face token (a web visitor's own hub id, say);
     ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does.
 
-    Before any weight loads, a memory plan (``prune.memory``) sizes the model and ``workload``
+    Before any weight loads, a memory plan (``runtime.memory``) sizes the model and ``workload``
     against the free memory (capped by ``max_memory``) and picks in memory or streamed
     (``streaming``: "auto", "on", "off"), or refuses with the numbers. "cpu" or "disk" streams with
     that store and no plan (tests, benchmarks)."""

@@ -21,7 +21,7 @@ from torch import nn
 from prune.progress import Event, Progress, silent
 from prune.roles import RoleMap
 from prune.sparsegpt import inverse_hessian
-from prune.stream import (
+from runtime.stream import (
     LayerStream,
     _Stop,
     hidden_of,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from prune.data import DataError, TextSource, load_file, load_texts
 from prune.errors import LabError
 from prune.progress import checkpoint
 from prune.recipe import CalibrationSpec
-from prune.stream import input_device
+from runtime.data import DataError, TextSource, load_file, load_texts
+from runtime.stream import input_device
 
 
 class CalibrationError(LabError):

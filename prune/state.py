@@ -1,0 +1,41 @@
+"""The pruned state: what a pruned model is, apart from the dense model it came from.
+
+Masks say which weights are zero; ``values`` hold the weights a method rewrote (SparseGPT), so a
+state is complete whatever method made it. One ``PrunedState`` is what a session keeps, what
+``Lab.using`` applies, what a save writes, what a ZeroGPU worker receives and what a quantized
+copy starts from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from prune.recipe import Recipe
+
+Masks = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> bool (rows, in), True = pruned
+Values = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> the weights a method rewrote (SparseGPT)
+
+
+@dataclass(frozen=True, eq=False)
+class PrunedState:
+    """Masks and rewritten values of one pruning run, the recipe that made them, and a key that
+    names the state (two states with one key are the same weights)."""
+
+    masks: Masks = field(default_factory=dict)
+    values: Values = field(default_factory=dict)
+    recipe: Recipe | None = None
+    key: Hashable | None = None
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.masks
+
+    def pruned(self) -> int:
+        """Weights this state sets to zero by its masks."""
+        return sum(int(mask.sum()) for mask in self.masks.values())
+
+
+DENSE = PrunedState(key="dense")
