@@ -16,7 +16,7 @@ from prune.errors import LabError
 from prune.progress import Progress
 from prune.recipe import CalibrationSpec, Recipe
 from runtime import memory
-from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, resolve_device, resolve_dtype
+from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, config_source, resolve_device, resolve_dtype
 from runtime.paths import set_data_dir
 
 NAMED_CALIBRATION = ("c4", "wikitext2", "generated")  # any other --calibration is a file
@@ -112,14 +112,15 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def show_memory_plan(args: argparse.Namespace, recipe: Recipe, bar: Bar) -> None:
+def show_memory_plan(args: argparse.Namespace, recipe: Recipe, bar: Bar) -> memory.MemoryPlan | None:
     """Print the memory plan for running ``recipe`` (its model, calibration, evaluation) before the
-    model loads; a run that cannot fit is refused here (``MemoryPlanError``), not minutes later.
-    Nothing is printed when the config cannot be read without loading (an offline model's first
-    start, no hub): loading then says what is wrong."""
-    source = memory.config_source(recipe.model, OFFLINE_MODELS)
+    model loads, the one place the CLI shows it (the loader decides the same, silently); a run that
+    cannot fit is refused here (``MemoryPlanError``), not minutes later. Nothing is printed when the
+    config cannot be read without loading (an offline model's first start, no hub): loading then
+    says what is wrong."""
+    source = config_source(recipe.model)
     if source is None:
-        return
+        return None
     device = resolve_device(recipe.device)
     batch_size = getattr(args, "batch_size", None) or memory.default_batch_size(device)
     try:
@@ -134,8 +135,9 @@ def show_memory_plan(args: argparse.Namespace, recipe: Recipe, bar: Bar) -> None
             trust_remote_code=recipe.trust_remote_code,
         )
     except memory.ConfigUnavailable:
-        return
+        return None
     bar.message(plan.text())
+    return plan
 
 
 def open_lab(args: argparse.Namespace, recipe: Recipe, progress: Progress) -> Lab:

@@ -10,7 +10,12 @@ read) and picks how to run:
   dense, in CPU memory (``store="cpu"``) or are read lazily from the checkpoint's safetensors on
   disk (``store="disk"``) when CPU memory is short; the hidden states of every window wait between
   layers on the compute device when they fit (``hidden="gpu"``), else in CPU memory;
+- **spread over several GPUs** (computing on a GPU with others beside it, when one alone is too
+  small): in memory, the weights over every GPU, accelerate's hooks moving hidden states along;
 - or it refuses before anything loads, naming the numbers.
+
+``plan_memory`` is that one decision: the loader (``runtime.models.load``), the CLI's preview and the
+app's preview all take it through ``plan_for_source``.
 
 What each item costs (``e``: bytes per weight in the model's dtype):
 
@@ -46,19 +51,20 @@ from pathlib import Path
 import torch
 
 from prune.errors import LabError
-from prune.recipe import Recipe
+from prune.jobs import JobSize, job_size
+from prune.recipe import STATS_MODES, Recipe
 from prune.roles import RoleMap, role_map
+from runtime.apply import SNAPSHOT_ROOM
 from runtime.paths import cache_dir
 
 GiB = 2**30
 HEADROOM = 0.9  # the share of what is free a plan may use
-SNAPSHOT_ROOM = 3  # the dense copy goes on the GPU only with 3x its size free there (runtime.apply)
 RESIDENT_LAYERS = {"cuda": 2, "cpu": 1}  # streamed: the layer running (and, on a GPU, the next)
 WIKITEXT2_TOKENS = 350_000  # WikiText-2's test split tokenized (Llama's vocabulary: ~340k tokens)
 C4_WINDOWS = 256  # the C4 protocol: 256 windows of seqlen tokens
 STREAMING = ("auto", "on", "off")
 STATISTICS = ("norms", "hessian", "none")
-STATS_MODES = ("sequential", "cached")
+SPREAD_WEIGHTS = "weights spread over the GPUs"  # a multi-gpu plan's per-GPU weight rows start so
 UNITS = {
     "": 1,
     "b": 1,
@@ -71,8 +77,6 @@ UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-# Linears that read the very same input share one Hessian (runtime.stats._watch): these groups.
-HESSIAN_GROUP = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
 
 
 class MemoryPlanError(LabError):
@@ -187,10 +191,17 @@ def model_size(config, dtype: torch.dtype, trust_remote_code: bool = False) -> M
         intermediate_size=max(_widest(model, roles, i) for i in range(roles.num_layers)),
         vocab_size=int(head.weight.shape[0] if head is not None else text.vocab_size),
         num_layers=roles.num_layers,
-        max_length=int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 2048)),
+        max_length=context_length(config),
         norm_columns=tuple(_norm_columns(model, roles, i) for i in range(roles.num_layers)),
         hessian_widths=tuple(_hessian_widths(model, roles, i) for i in range(roles.num_layers)),
     )
+
+
+def context_length(config) -> int:
+    """The tokens a model attends over (its config's position limit): longer calibration or
+    evaluation windows are cut to it, by the plan and by the pruner alike."""
+    text = config.get_text_config()
+    return int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 2048))
 
 
 def _nbytes(params) -> int:
@@ -216,12 +227,13 @@ def _norm_columns(model, roles: RoleMap, layer: int) -> int:
 
 
 def _hessian_widths(model, roles: RoleMap, layer: int) -> tuple[int, ...]:
-    """One input width per Hessian of a layer: q, k and v read one input, gate and up another."""
-    widths: dict[str, int] = {}
+    """One input width per Hessian of a layer, shared as the collector shares them
+    (``RoleMap.hessian_owners``: q, k and v one, gate and up another); fused experts have none."""
+    owners, widths = roles.hessian_owners(layer), {}
     for role in roles.roles:
         for piece in roles.targets[(layer, role)].pieces():
             if not piece.experts:  # SparseGPT refuses fused experts
-                widths.setdefault(HESSIAN_GROUP[role], piece.weight(model).shape[-1])
+                widths.setdefault(owners[piece.stats_key], piece.weight(model).shape[-1])
     return tuple(widths.values())
 
 
@@ -235,11 +247,23 @@ class Budget:
     cpu_free: int  # CPU memory available
     disk_free: int  # free disk in the lab's cache folder
     capped: tuple[str, ...] = ()  # places a --max-memory budget limits
+    gpus: tuple[int, ...] = ()  # free on every visible GPU, cuda:0 first (capped like the device)
 
     def free(self) -> dict[str, int]:
         """Bytes free per place a row can name (a CPU that computes is one place: ``cpu_free``)."""
         places = {"cpu": self.cpu_free, "disk": self.disk_free}
-        return places if self.device == "cpu" else {self.device: self.device_free, **places}
+        if self.device == "cpu":
+            return places
+        others = {f"cuda:{i}": free for i, free in enumerate(self.gpus) if f"cuda:{i}" != self.device}
+        return {self.device: self.device_free, **others, **places}
+
+    def spread_gpus(self) -> dict[str, int]:
+        """The GPUs a model may be spread over (every visible one, when computing on a GPU and
+        there are several), with what is free on each."""
+        if self.device == "cpu" or len(self.gpus) < 2:
+            return {}
+        free = self.free()
+        return {f"cuda:{i}": free[f"cuda:{i}"] for i in range(len(self.gpus))}
 
 
 def device_name(device: str | torch.device) -> str:
@@ -266,14 +290,20 @@ def available(device: str | torch.device, max_memory: Mapping[str, int] | None =
     name = device_name(device)
     cpu = _capped(psutil.virtual_memory().available, caps.get("cpu"))
     disk = _capped(shutil.disk_usage(cache_dir()).free, caps.get("disk"))
+    gpus: tuple[int, ...] = ()
     if name == "cpu":
         free = cpu
     elif not torch.cuda.is_available():
         raise MemoryPlanError(f"{name} asked for, but no CUDA GPU is available")
     else:
-        free = _capped(torch.cuda.mem_get_info(torch.device(name))[0], caps.get(name))
-    capped = tuple(place for place in dict.fromkeys((name, "cpu", "disk")) if place in caps)
-    return Budget(name, free, cpu, disk, capped)
+        gpus = tuple(
+            _capped(torch.cuda.mem_get_info(i)[0], caps.get(f"cuda:{i}"))
+            for i in range(torch.cuda.device_count())
+        )
+        free = gpus[int(name.split(":")[1])]
+    places = (name, *(f"cuda:{i}" for i in range(len(gpus))), "cpu", "disk")
+    capped = tuple(place for place in dict.fromkeys(places) if place in caps)
+    return Budget(name, free, cpu, disk, capped, gpus)
 
 
 def _capped(free: int, cap: int | None) -> int:
@@ -303,19 +333,23 @@ class Workload:
             )
 
     @classmethod
-    def for_recipe(cls, recipe: Recipe, batch_size: int, sessions: int = 1) -> Workload:
-        """What running ``recipe`` asks for, with this calibration batch size."""
-        spec, evaluation = recipe.method_spec, recipe.evaluation
+    def for_job(cls, size: JobSize, batch_size: int, sessions: int = 1) -> Workload:
+        """What a job of this size (``prune.jobs.job_size``) asks for, with this calibration batch."""
         return cls(
-            nsamples=recipe.calibration.nsamples if spec.needs_statistics else 0,
-            seqlen=recipe.calibration.seqlen,
+            nsamples=size.calibration_samples,
+            seqlen=size.calibration_seqlen,
             batch_size=batch_size,
-            eval_windows=evaluation_windows(evaluation.datasets, evaluation.max_windows, evaluation.seqlen),
-            eval_seqlen=evaluation.seqlen,
+            eval_windows=evaluation_windows(size.eval_datasets, size.eval_windows, size.eval_seqlen),
+            eval_seqlen=size.eval_seqlen,
             sessions=sessions,
-            statistics=spec.statistics or "none",
-            stats_mode=recipe.stats_mode,
+            statistics=size.statistics,
+            stats_mode=size.stats_mode,
         )
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, batch_size: int, sessions: int = 1) -> Workload:
+        """What running ``recipe`` (prune, then evaluate) asks for: ``for_job`` of its run."""
+        return cls.for_job(job_size(recipe, "run"), batch_size, sessions)
 
 
 def default_batch_size(device: str | torch.device) -> int:
@@ -345,8 +379,9 @@ class Row:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How a run will use memory: ``mode`` "in-memory" or "streamed" (with ``store`` "cpu" or
-    "disk" and ``hidden`` "gpu" or "cpu"), what it holds where, and why this mode."""
+    """How a run will use memory: ``mode`` "in-memory", "multi-gpu" (in memory, the weights spread
+    over every visible GPU) or "streamed" (with ``store`` "cpu" or "disk" and ``hidden`` "gpu" or
+    "cpu"), what it holds where, and why this mode."""
 
     mode: str
     store: str | None
@@ -360,8 +395,11 @@ class MemoryPlan:
         return self.budget.device
 
     def totals(self) -> dict[str, int]:
-        """Bytes needed per place (rows that are already there left out)."""
-        totals = dict.fromkeys(self.budget.free(), 0)
+        """Bytes needed per place (rows that are already there left out); a GPU other than the
+        compute device only when a row is there."""
+        named = {row.where for row in self.rows}
+        places = [p for p in self.budget.free() if p in (self.device, "cpu", "disk") or p in named]
+        totals = dict.fromkeys(places, 0)
         for row in self.rows:
             if row.counted:
                 totals[row.where] += row.bytes
@@ -394,10 +432,13 @@ class MemoryPlan:
         return "; ".join(parts)
 
     def headline(self) -> str:
-        """The choice in one line: 'in memory on cuda:0', 'streamed: 2 decoder layers at a time ...'
-        (a mode a caller derives, such as spreading over GPUs, by its name)."""
-        if self.mode != "streamed":
-            return f"{'in memory' if self.mode == 'in-memory' else self.mode} on {self.device}"
+        """The choice in one line: 'in memory on cuda:0', 'in memory, spread over 2 GPUs ...',
+        'streamed: 2 decoder layers at a time ...'."""
+        if self.mode == "in-memory":
+            return f"in memory on {self.device}"
+        if self.mode == "multi-gpu":
+            gpus = self.spread_budgets()
+            return f"in memory, spread over {len(gpus)} GPUs ({', '.join(gpus)}), computing on {self.device}"
         layers = RESIDENT_LAYERS[self.device.split(":")[0]]
         store = "CPU memory" if self.store == "cpu" else "the checkpoint on disk"
         hidden = self.device if self.hidden == "gpu" else "cpu"
@@ -405,6 +446,15 @@ class MemoryPlan:
             f"streamed: {layers} decoder layer{'s' if layers > 1 else ''} at a time on {self.device}, "
             f"the others in {store}; hidden states between layers on {hidden}"
         )
+
+    def spread_budgets(self) -> dict[str, int]:
+        """Spread over GPUs: the bytes of weights each GPU may take (its share, and whatever of its
+        ``HEADROOM`` the plan leaves over), for accelerate's ``max_memory``; else nothing."""
+        if self.mode != "multi-gpu":
+            return {}
+        gpus, totals = self.budget.spread_gpus(), self.totals()
+        shares = {row.where: row.bytes for row in self.rows if row.item.startswith(SPREAD_WEIGHTS)}
+        return {gpu: shares[gpu] + int(HEADROOM * free) - totals[gpu] for gpu, free in gpus.items()}
 
     def text(self) -> str:
         """A short table for a person: the choice and why, each item in GiB and where, the totals
@@ -466,23 +516,30 @@ def _short(item: str) -> str:
 def plan_memory(
     size: ModelSize, budget: Budget, workload: Workload, streaming: str = "auto", download_bytes: int = 0
 ) -> MemoryPlan:
-    """In memory when everything fits (``streaming="auto"``, or "off": else refuse); else streamed,
-    the fastest way that fits (layers in CPU memory before disk, hidden states on the GPU before
-    the CPU); else a ``MemoryPlanError`` that names the numbers. ``download_bytes``: a checkpoint
-    that must first land on disk."""
+    """Where a run's model lives, the one decision the loader and both previews take: in memory on
+    the compute device when everything fits; else, on a GPU with others beside it, in memory spread
+    over all of them (the references' multi-GPU layout) when that fits; else streamed, the fastest
+    way that fits (layers in CPU memory before disk, hidden states on the GPU before the CPU); else
+    a ``MemoryPlanError`` that names the numbers. ``streaming="off"`` never streams, "on" always
+    does. ``download_bytes``: a checkpoint that must first land on disk."""
     if streaming not in STREAMING:
         raise MemoryPlanError(f"streaming {streaming!r}: use {', '.join(STREAMING)}")
     extra = [Row("checkpoint to download", download_bytes, "disk")] if download_bytes else []
     whole = MemoryPlan("in-memory", None, None, tuple(_in_memory(size, budget, workload) + extra), budget)
+    if streaming != "on" and whole.fits():
+        reason = "streaming off, and everything fits" if streaming == "off" else _fits_reason(whole)
+        return dataclasses.replace(whole, reason=reason)
+    gpus = budget.spread_gpus()
+    if streaming != "on" and gpus:
+        spread = MemoryPlan("multi-gpu", None, None, tuple(_spread(size, budget, workload) + extra), budget)
+        if spread.fits():
+            why = f"on {budget.device} alone it {whole.shortfall()}; {len(gpus)} GPUs hold it"
+            return dataclasses.replace(spread, reason=why)
     if streaming == "off":
-        if not whole.fits():
-            raise MemoryPlanError(
-                f"this run does not fit in memory (streaming off): it {whole.shortfall()}; "
-                f"{_advice(budget, streaming)}"
-            )
-        return dataclasses.replace(whole, reason="streaming off, and everything fits")
-    if streaming == "auto" and whole.fits():
-        return dataclasses.replace(whole, reason=_fits_reason(whole))
+        raise MemoryPlanError(
+            f"this run does not fit in memory (streaming off): it {whole.shortfall()}; "
+            f"{_advice(budget, streaming)}"
+        )
     streamed = [
         MemoryPlan(
             "streamed", store, hidden, tuple(_streamed(size, budget, workload, store, hidden) + extra), budget
@@ -594,12 +651,34 @@ def _in_memory(size: ModelSize, budget: Budget, work: Workload) -> list[Row]:
     device = budget.device
     room = budget.device_free - size.weights_bytes
     snapshot = device if device != "cpu" and room > SNAPSHOT_ROOM * size.linear_bytes else "cpu"
-    rows = [
-        Row("weights", size.weights_bytes, device),
-        Row("dense copy of the pruned matrices (makes pruning reversible)", size.linear_bytes, snapshot),
-    ]
+    rewrote = [Row("weights SparseGPT rewrote", size.linear_bytes, device)]
+    return _resident(size, work, device, [Row("weights", size.weights_bytes, device)], snapshot, rewrote)
+
+
+def _spread(size: ModelSize, budget: Budget, work: Workload) -> list[Row]:
+    """In memory over every GPU, the weights in proportion to what is free on each (accelerate's
+    balanced layout, near enough); the dense copy on the CPU (``runtime.apply`` keeps it there for
+    weights on several devices); statistics and activations on the compute device."""
+    gpus = budget.spread_gpus()
+    total = max(sum(gpus.values()), 1)
+
+    def shares(item: str, count: int) -> list[Row]:
+        return [Row(f"{item} ({gpu}'s share)", count * free // total, gpu) for gpu, free in gpus.items()]
+
+    weights = shares(SPREAD_WEIGHTS, size.weights_bytes)
+    rewrote = shares("weights SparseGPT rewrote", size.linear_bytes)
+    return _resident(size, work, budget.device, weights, "cpu", rewrote)
+
+
+def _resident(
+    size: ModelSize, work: Workload, device: str, weights: list[Row], snapshot: str, rewrote: list[Row]
+) -> list[Row]:
+    """What a model held in memory needs besides its weights (``weights``): the dense copy (on
+    ``snapshot``), SparseGPT's rewritten weights (``rewrote``), statistics, activations, masks."""
+    copy = Row("dense copy of the pruned matrices (makes pruning reversible)", size.linear_bytes, snapshot)
+    rows = [*weights, copy]
     if work.statistics == "hessian":
-        rows.append(Row("weights SparseGPT rewrote", size.linear_bytes, device))
+        rows += rewrote
     cached = work.stats_mode == "cached"
     stats = _statistics(size, work, every_layer=cached)
     if stats:
@@ -646,16 +725,6 @@ def _streamed(size: ModelSize, budget: Budget, work: Workload, store: str, hidde
 
 
 # ----- from a model's name -----------------------------------------------------------------------
-def config_source(name: str, offline: Collection[str]) -> str | None:
-    """Where ``name``'s config.json can be read without loading it: an offline alias's converted
-    folder in the cache (where ``runtime.models`` keeps it; None before the first load converts it),
-    else ``name`` itself (a local folder or a hub id)."""
-    if name not in offline:
-        return name
-    folder = cache_dir("models", name)
-    return str(folder) if (folder / "config.json").is_file() else None
-
-
 def read_config(source: str, revision: str | None = None, trust_remote_code: bool = False, token=None):
     """The config of a local folder or hub id (a small file: no weights), from the download cache
     when it is there (no request: offline, the hub's retries take half a minute), else from the hub;
@@ -686,20 +755,24 @@ def plan_for_source(
     revision: str | None = None,
     trust_remote_code: bool = False,
     token=None,
+    source: str | None = None,
+    budget: Budget | None = None,
 ) -> MemoryPlan:
-    """The plan for a model given by its config (what ``runtime.models.load`` has read) or by a local
-    folder or hub id (its config is read; a hub checkpoint not yet downloaded must fit on disk).
-    ``max_memory``: text as ``parse_max_memory`` reads it, or its result."""
+    """The plan (``plan_memory``) for a model given by a local folder or hub id (its config is read)
+    or by its config (what ``runtime.models.load`` has read; ``source``: where from); a hub
+    checkpoint not yet downloaded must fit on disk. ``max_memory``: text as ``parse_max_memory``
+    reads it, or its result; ``budget``: what is free, when not measured now (``available``)."""
     if isinstance(source_or_config, str):
-        config = read_config(source_or_config, revision, trust_remote_code, token)
+        source = source_or_config
+        config = read_config(source, revision, trust_remote_code, token)
     else:
         config = source_or_config
     caps = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     size = model_size(config, dtype, trust_remote_code)
     download = 0
-    if isinstance(source_or_config, str) and not _on_disk(source_or_config, revision):
+    if source is not None and not _on_disk(source, revision):
         download = size.parameters * _stored_element(config, dtype)
-    return plan_memory(size, available(device, caps), workload, streaming, download)
+    return plan_memory(size, budget or available(device, caps), workload, streaming, download)
 
 
 def _on_disk(source: str, revision: str | None) -> bool:

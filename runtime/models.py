@@ -5,14 +5,15 @@ GGUF files are dequantized once and cached as safetensors, so later loads take a
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,10 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
-from prune.roles import RoleMap, UnsupportedArchitecture, role_map
-from runtime.memory import MemoryPlan, Workload, model_size, plan_for_source
+from prune.roles import RoleMap, Target, UnsupportedArchitecture, role_map
+from runtime.memory import MemoryPlan, Workload, context_length, plan_for_source
 from runtime.paths import cache_dir
-from runtime.stream import LayerStream
+from runtime.stream import LayerStream, on_device, window_logits
 
 Progress = Callable[[str], None]
 
@@ -82,11 +83,36 @@ class LoadedModel:
 
     @property
     def max_length(self) -> int:
-        cfg = self.model.config.get_text_config()
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+        return context_length(self.model.config)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    # ----- the weights, wherever they live: callers never see the placement ---------------------
+    def layer(self, layer: int) -> AbstractContextManager:
+        """``with lm.layer(i):`` decoder layer i's weights are real on the compute device for the
+        block, as pruned now (a streamed model uploads them; a model in memory has them already)."""
+        return on_device(self.stream, layer)
+
+    def layer_weights(self) -> Iterator[tuple[int, list[tuple[Target, torch.Tensor]]]]:
+        """Each decoder layer in turn with the weight of every piece of every role, as it is now
+        (dense or pruned). A streamed layer's weights are real until the next layer is asked for."""
+        for layer in range(self.roles.num_layers):
+            with self.layer(layer):
+                pieces = [
+                    piece
+                    for role in self.roles.roles
+                    if (target := self.roles.targets.get((layer, role))) is not None
+                    for piece in target.pieces()
+                ]
+                yield layer, [(piece, piece.weight(self.model)) for piece in pieces]
+
+    def window_logits(
+        self, windows: torch.Tensor, batch_size: int, on_layer: Callable[[int, int], None]
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``logits_of(k, inputs)`` for the k-th batch of ``windows`` (``runtime.stream.window_logits``:
+        a streamed model runs one layer-by-layer pass first, ``on_layer`` says how far it is)."""
+        return window_logits(self.model, self.roles, windows, batch_size, self.stream, on_layer)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -155,11 +181,31 @@ def gguf_path(spec: OfflineModel, progress: Progress) -> Path:
     return Path(module.assemble(output_path=cache_dir("gguf") / spec.filename))
 
 
+CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # a finished conversion
+
+
+def converted_folder(alias: str) -> Path | None:
+    """An offline model's converted folder in the cache, once a conversion has finished (it is
+    renamed into place whole); None before."""
+    folder = cache_dir("models", alias)
+    return folder if all((folder / name).is_file() for name in CONVERTED_FILES) else None
+
+
+def config_source(name: str) -> str | None:
+    """Where ``name``'s config can be read without loading it: an offline alias's converted folder
+    (None before the first load converts it), else ``name`` itself (a local folder or a hub id)."""
+    if name not in OFFLINE_MODELS:
+        return name
+    folder = converted_folder(name)
+    return None if folder is None else str(folder)
+
+
 def _converted_dir(spec: OfflineModel, progress: Progress) -> Path:
     """Dequantize the GGUF once into fp32 safetensors (exact: Q4 values need more than bf16)."""
-    folder = cache_dir("models", spec.alias)
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+    folder = converted_folder(spec.alias)
+    if folder is not None:
         return folder
+    folder = cache_dir("models", spec.alias)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     path = gguf_path(spec, progress)
@@ -205,11 +251,9 @@ def load(
     """``token=False`` never sends a Hugging Face token (a web visitor's own hub id, say);
     ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does.
 
-    Before any weight loads, a memory plan (``runtime.memory``) sizes the model and ``workload``
-    against the free memory (capped by ``max_memory``) and picks in memory or streamed
-    (``streaming``: "auto", "on", "off"), or refuses with the numbers. "cpu" or "disk" streams with
-    that store and no plan (tests, benchmarks)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    Before any weight loads, ``load_plan`` decides where the model lives, or refuses with the
+    numbers; the plan is kept as ``LoadedModel.plan`` (front ends show it, the loader does not)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
@@ -223,14 +267,11 @@ def load(
         kwargs["token"] = token
     local = Path(source).expanduser().is_dir()
     use_safetensors = True if local and any(Path(source).expanduser().glob("*.safetensors")) else None
-    plan = None
     try:
-        if streaming in ("cpu", "disk"):
+        plan = load_plan(source, torch_dtype, target_device, workload, max_memory, streaming, kwargs)
+        if plan is None:
             store, hidden_on = streaming, "gpu"
         else:
-            config = AutoConfig.from_pretrained(source, **kwargs)
-            plan = _plan(config, torch_dtype, target_device, workload, max_memory, streaming)
-            progress(f"Memory plan: {plan.headline()} ({plan.reason})")
             store, hidden_on = (plan.store, plan.hidden) if plan.mode == "streamed" else (None, None)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if store is not None:
@@ -259,15 +300,35 @@ def load(
     return LoadedModel(name, model, tokenizer, roles, target_device, torch_dtype, source, stream, plan)
 
 
-def _plan(config, dtype, device, workload, max_memory, streaming: str) -> MemoryPlan:
-    """The memory plan; on several GPUs a model too big for one is spread over them (in memory,
-    hidden states moved from GPU to GPU by accelerate's hooks) before it is streamed."""
-    plan = plan_for_source(config, dtype, device, workload or Workload(), max_memory, streaming)
-    if plan.mode == "streamed" and streaming == "auto" and device.type == "cuda":
-        spread = _spread_over_gpus(plan, model_size(config, dtype).weights_bytes)
-        if spread is not None:
-            return spread
-    return plan
+def load_plan(
+    source: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    workload: Workload | None,
+    max_memory: str | dict[str, int] | None,
+    streaming: str,
+    kwargs: dict,
+) -> MemoryPlan | None:
+    """What ``load`` decides before any weight loads: the memory plan (``runtime.memory.plan_for_source``,
+    the same the CLI and app previews show) for ``workload`` against what is free, capped by
+    ``max_memory``, with ``streaming`` "auto", "on" or "off". ``streaming`` "cpu" or "disk": streamed
+    with that store and no plan (tests, benchmarks). ``kwargs``: revision, trust, token."""
+    if streaming in ("cpu", "disk"):
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    return plan_for_source(
+        config,
+        dtype,
+        device,
+        workload or Workload(),
+        max_memory,
+        streaming,
+        trust_remote_code=kwargs.get("trust_remote_code", False),
+        revision=kwargs.get("revision"),
+        source=source,
+    )
 
 
 def _roles(model: nn.Module) -> RoleMap:
@@ -275,6 +336,18 @@ def _roles(model: nn.Module) -> RoleMap:
         return role_map(model)
     except UnsupportedArchitecture as err:
         raise ModelLoadError(str(err)) from None
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """A library logger's warnings held back for the block: ones about what the lab chose itself."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _load_streamed(
@@ -302,14 +375,15 @@ def _load_streamed(
     device_map = {name: where for name in _outside_layers(empty, roles.layers_path)}
     device_map.update({f"{roles.layers_path}.{i}": "disk" for i in range(roles.num_layers)})
     offload = Path(tempfile.mkdtemp(prefix="offload-", dir=cache_dir("offload")))
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=dtype,
-        device_map=device_map,
-        offload_folder=str(offload),
-        use_safetensors=use_safetensors,
-        **kwargs,
-    )
+    with _quiet("accelerate.big_modeling"):  # "Some parameters are on the meta device": we asked
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            device_map=device_map,
+            offload_folder=str(offload),
+            use_safetensors=use_safetensors,
+            **kwargs,
+        )
     weakref.finalize(model, shutil.rmtree, offload, True)  # converted weights, if any were written
     loader = _offload_loader(model)
     remove_hook_from_module(model, recurse=True)
@@ -346,24 +420,12 @@ def _offload_loader(model: nn.Module):
     raise ModelLoadError("this model could not be split for streaming (no offloaded layer weights)")
 
 
-def _spread_over_gpus(plan: MemoryPlan, weights_bytes: int) -> MemoryPlan | None:
-    """In memory over every visible GPU when together they hold the weights with room to spare for
-    activations (the references' multi-GPU layout); None otherwise."""
-    count = torch.cuda.device_count()
-    if count < 2:
-        return None
-    free = sum(torch.cuda.mem_get_info(i)[0] for i in range(count))
-    if weights_bytes > 0.7 * free:
-        return None
-    return dataclasses.replace(
-        plan, mode="multi-gpu", store=None, hidden=None, reason=f"spread over {count} GPUs"
-    )
-
-
 def _placement(plan: MemoryPlan | None) -> dict:
-    """accelerate's layout over the GPUs alone (never the CPU or disk: a weight left on "meta"
-    cannot be pruned) when the plan spreads the model; else nothing: it goes to one device."""
-    if plan is None or plan.mode != "multi-gpu":
+    """accelerate's layout over the GPUs alone, each given what the plan leaves it for weights
+    (never the CPU or disk: a weight left on "meta" cannot be pruned), when the plan spreads the
+    model; else nothing: it goes to one device."""
+    budgets = plan.spread_budgets() if plan is not None else {}
+    if not budgets:
         return {}
-    budgets = {i: int(0.9 * torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
-    return {"device_map": "auto", "max_memory": budgets}
+    rooms = {int(gpu.split(":")[1]): room for gpu, room in budgets.items()}
+    return {"device_map": "auto", "max_memory": rooms}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -21,14 +22,13 @@ from runtime.memory import (
     MemoryPlanError,
     Workload,
     available,
-    config_source,
     evaluation_windows,
     model_size,
     parse_max_memory,
     plan_for_source,
     plan_memory,
 )
-from runtime.models import OFFLINE_MODELS
+from runtime.models import CONVERTED_FILES, OFFLINE_MODELS, config_source
 from runtime.stats import dense_pass
 
 LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, vocab_size=32000)
@@ -149,6 +149,50 @@ def test_hessian_widths_are_the_shared_hessians_a_pass_keeps(arch):
         prefix = f"{loaded.roles.layers_path}.{layer}."
         distinct = {id(h): h.shape[0] for name, h in stats.hessians.items() if name.startswith(prefix)}
         assert sorted(size.hessian_widths[layer]) == sorted(distinct.values())
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in MOE_ARCHS])
+def test_linears_that_share_a_hessian_read_the_very_same_input(arch):
+    """The one rule (prune.roles.HESSIAN_GROUP, applied by RoleMap.hessian_owners) against what a
+    forward really passes, seen by hooks of this test: sharers receive the very tensor their owner
+    does; a linear that receives its predecessor's very tensor shares its Hessian (what the former
+    identity test found); and the collector keeps one Hessian per owner, 2/n sum x x^T of its input."""
+    loaded = tiny_model(arch)
+    model, roles = loaded.model, loaded.roles
+    ids = random_ids(2, 8)
+    seen: list[tuple[str, torch.Tensor]] = []  # (module, input) in call order
+
+    values: dict[str, torch.Tensor] = {}  # each input as it was then: a layer may edit it in place later
+
+    def keep(_module, inp, _out, name):
+        seen.append((name, inp[0]))
+        values[name] = inp[0].detach().clone()
+
+    names = [name for layer in range(roles.num_layers) for name in roles.modules_in_layer(layer)]
+    handles = [model.get_submodule(name).register_forward_hook(partial(keep, name=name)) for name in names]
+    try:
+        model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = dict(seen)
+    owners = {}
+    for layer in range(roles.num_layers):
+        owners.update(roles.hessian_owners(layer))
+    assert set(owners) == set(inputs)
+    for name, owner in owners.items():
+        assert inputs[name] is inputs[owner], (name, owner)
+    for (before, x_before), (name, x) in zip(seen[:-1], seen[1:], strict=True):
+        if x is x_before:
+            assert owners[name] == owners[before], (before, name)
+    stats = dense_pass(model, roles, ids, batch_size=2, kind="hessian")
+    for name, owner in owners.items():
+        assert stats.hessians[name] is stats.hessians[owner]
+        # SparseGPT's add_batch: a 2D input (OPT flattens the batch before fc1) counts as one sample
+        samples = values[owner].shape[0] if values[owner].dim() == 3 else 1
+        x = values[owner].reshape(-1, values[owner].shape[-1]).double()
+        expected = 2 / samples * x.T @ x
+        torch.testing.assert_close(stats.hessians[owner].double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_tied_embeddings_count_once_and_dtype_sets_the_bytes():
@@ -382,10 +426,14 @@ def test_plan_for_a_folder_or_a_config(tmp_path):
 def test_config_source_of_offline_aliases(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNING_LAB_CACHE", str(tmp_path))
     alias = next(iter(OFFLINE_MODELS))
-    assert config_source(alias, OFFLINE_MODELS) is None  # not converted yet: no config to read
-    _config("llama").save_pretrained(tmp_path / "models" / alias)
-    assert config_source(alias, OFFLINE_MODELS) == str(tmp_path / "models" / alias)
-    assert config_source("org/name", OFFLINE_MODELS) == "org/name"
+    folder = tmp_path / "models" / alias
+    assert config_source(alias) is None  # not converted yet: no config to read
+    _config("llama").save_pretrained(folder)
+    assert config_source(alias) is None  # a conversion that did not finish: not a source either
+    for name in CONVERTED_FILES:
+        (folder / name).touch(exist_ok=True)
+    assert config_source(alias) == str(folder)
+    assert config_source("org/name") == "org/name"
 
 
 # ----- front ends --------------------------------------------------------------------------------
@@ -435,3 +483,207 @@ def test_app_shows_the_plan_of_the_picked_model(tmp_path, monkeypatch):
     assert memory_plan_markdown(engine, next(iter(OFFLINE_MODELS)), recipe) == ""  # not converted yet
     public = Engine(device="cpu", hosting=Hosting.public_profile(None, "cpu"))
     assert memory_plan_markdown(public, str(folder), recipe) == ""  # not offered: not even a plan
+
+
+# ----- several GPUs ------------------------------------------------------------------------------
+def gpus(count: int, each_gib: float, cpu_gib: float = 64) -> Budget:
+    free = int(each_gib * GiB)
+    return Budget("cuda:0", free, int(cpu_gib * GiB), 500 * GiB, (), (free,) * count)
+
+
+def test_a_model_too_big_for_one_gpu_is_spread_over_several(size_13b):
+    plan = plan_memory(size_13b, gpus(2, 24), BIG)  # one 24 GiB GPU streams it (above)
+    assert (plan.mode, plan.store, plan.hidden) == ("multi-gpu", None, None)
+    assert plan.headline() == "in memory, spread over 2 GPUs (cuda:0, cuda:1), computing on cuda:0"
+    assert "on cuda:0 alone it needs" in plan.reason and "2 GPUs hold it" in plan.reason
+    shares = {row.where: row.bytes for row in plan.rows if row.item.startswith("weights spread")}
+    assert shares == {"cuda:0": size_13b.weights_bytes // 2, "cuda:1": size_13b.weights_bytes // 2}
+    copy = next(row for row in plan.rows if row.item.startswith("dense copy"))
+    assert copy.where == "cpu"  # runtime.apply keeps the copy of weights on several devices there
+    totals = plan.totals()
+    assert set(totals) == {"cuda:0", "cuda:1", "cpu", "disk"} and totals["cuda:1"] == shares["cuda:1"]
+    # accelerate may fill each GPU with weights up to its share plus what the plan leaves free there
+    budgets = plan.spread_budgets()
+    assert budgets["cuda:1"] == int(0.9 * 24 * GiB)
+    assert budgets["cuda:0"] == int(0.9 * 24 * GiB) - (totals["cuda:0"] - shares["cuda:0"])
+    assert "  total: cuda:0" in plan.text() and "cuda:1" in plan.text()
+
+
+def test_spreading_is_in_memory_so_streaming_on_streams_and_off_may_spread(size_13b):
+    assert plan_memory(size_13b, gpus(2, 24), BIG, streaming="on").mode == "streamed"
+    assert plan_memory(size_13b, gpus(2, 24), BIG, streaming="off").mode == "multi-gpu"
+    assert plan_memory(size_13b, gpus(2, 80), BIG).mode == "in-memory"  # one GPU holds it: no spread
+    assert plan_memory(size_13b, gpus(2, 8), BIG).mode == "streamed"  # 16 GiB hold no 24 GiB of weights
+    with pytest.raises(MemoryPlanError, match="streaming off"):
+        plan_memory(size_13b, gpus(2, 8), BIG, streaming="off")
+    cpu = Budget("cpu", 32 * GiB, 32 * GiB, 500 * GiB, (), (24 * GiB, 24 * GiB))
+    assert plan_memory(size_13b, cpu, BIG).mode == "streamed"  # computing on the CPU: no GPU spread
+
+
+def test_the_loader_spreads_as_the_plan_says(size_13b):
+    from runtime.models import _placement
+
+    plan = plan_memory(size_13b, gpus(3, 24), BIG)
+    assert plan.mode == "multi-gpu"
+    placement = _placement(plan)
+    assert placement["device_map"] == "auto"
+    assert placement["max_memory"] == {int(gpu[5:]): room for gpu, room in plan.spread_budgets().items()}
+    assert set(placement["max_memory"]) == {0, 1, 2}
+    assert _placement(plan_memory(size_13b, gpus(1, 80), BIG)) == {}
+
+
+# ----- one decision: the CLI preview, the app preview and the loader -----------------------------
+class _Stop(Exception):
+    """Raised by the spy on the loader's decision: no weight is loaded after it."""
+
+
+class _Lines:
+    """Stands in for the CLI's Bar: keeps the lines ``show_memory_plan`` prints."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines += text.splitlines()
+
+
+def _fake_gpus(monkeypatch, count: int, each_gib: float, cpu_gib: float = 64) -> None:
+    """``count`` CUDA GPUs with ``each_gib`` free each and ``cpu_gib`` of CPU memory available, as
+    torch and psutil report them to ``available``."""
+    import types
+
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=int(cpu_gib * GiB)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(each_gib * GiB), 80 * GiB))
+
+
+def _three_decisions(monkeypatch, folder, recipe: Recipe, max_memory=None, streaming="auto"):
+    """(the CLI preview's lines, the app preview's markdown or None, the loader's plan or error)
+    for ``recipe`` on the model in ``folder``; the loader is stopped right after it decides."""
+    import argparse
+
+    from cli import flags
+    from evaluation.lab import Lab
+    from runtime import models
+    from ui.engine import Engine
+    from ui.lab_tab import memory_plan_markdown
+
+    bar = _Lines()
+    args = argparse.Namespace(max_memory=parse_max_memory(max_memory), streaming=streaming, batch_size=None)
+    try:
+        flags.show_memory_plan(args, recipe, bar)
+    except MemoryPlanError as err:
+        bar.lines = [f"refused: {err}"]
+    app = None
+    if max_memory is None and streaming == "auto":  # the app has neither setting
+        app = memory_plan_markdown(Engine(device=recipe.device), str(folder), recipe)
+    decided = []
+
+    def spy(*args, **kwargs):
+        decided.append(real(*args, **kwargs))
+        raise _Stop
+
+    real = models.load_plan
+    monkeypatch.setattr(models, "load_plan", spy)
+    try:
+        Lab.open(recipe, streaming=streaming, max_memory=max_memory)
+    except _Stop:
+        pass
+    except MemoryPlanError as err:
+        decided.append(err)
+    finally:
+        monkeypatch.setattr(models, "load_plan", real)
+    return bar.lines, app, decided[0]
+
+
+@pytest.mark.parametrize(
+    "shape, gpu_count, gib_each, max_memory, expected",
+    [
+        ("7b", 1, 80, None, "in memory on cuda:0"),
+        ("7b", 1, 16, None, "streamed: 2 decoder layers at a time on cuda:0, the others in CPU memory"),
+        ("13b", 1, 24, None, "streamed: 2 decoder layers at a time on cuda:0, the others in CPU memory"),
+        ("13b", 2, 24, None, "in memory, spread over 2 GPUs (cuda:0, cuda:1), computing on cuda:0"),
+        ("13b", 4, 16, None, "in memory, spread over 4 GPUs (cuda:0, cuda:1, cuda:2, cuda:3), computing"),
+        ("13b", 2, 80, "cuda:0=20GiB", "in memory, spread over 2 GPUs (cuda:0, cuda:1), computing on cuda:0"),
+        ("13b", 2, 80, "0=20GiB,1=10GiB", "streamed: 2 decoder layers at a time on cuda:0"),
+        ("7b", 2, 0.3, None, "refused: this run does not fit, even streamed"),
+    ],
+)
+def test_the_previews_and_the_loader_pick_the_same_placement(
+    shape, gpu_count, gib_each, max_memory, expected, tmp_path, monkeypatch
+):
+    """A table of (model size, budget, GPU count): the CLI's preview, the app's preview and the
+    loader's own decision (Lab.open, stopped before any weight loads) say the same."""
+    folder = tmp_path / shape
+    llama(LLAMA_7B if shape == "7b" else LLAMA_13B).save_pretrained(folder)  # the config alone
+    _fake_gpus(monkeypatch, gpu_count, gib_each)
+    recipe = Recipe(
+        model=str(folder),
+        device="cuda:0",
+        calibration=CalibrationSpec(nsamples=128, seqlen=2048),
+        evaluation=EvalSpec(("wikitext2",), 2048, None),
+    )
+    cli_lines, app, loader = _three_decisions(monkeypatch, folder, recipe, max_memory)
+    if isinstance(loader, MemoryPlanError):
+        said = f"refused: {loader}"
+        assert cli_lines == [said]
+        assert app is None or app == f"**Memory plan:** this model does not fit here: {loader}"
+    else:
+        said = loader.headline()
+        assert cli_lines[0] == f"memory plan: {said}"
+        assert app is None or app.startswith(f"**Memory plan:** {said}  \n")
+        assert loader.device == "cuda:0" and loader.budget.capped == tuple(parse_max_memory(max_memory))
+    assert said.startswith(expected)
+
+
+def _tiny_folder(folder):
+    """A tiny random Llama with a word-level tokenizer: a model folder that loads in a second."""
+    from tokenizers import Tokenizer, models
+
+    config = _config("llama")
+    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tf.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="w1").save_pretrained(folder)
+    return folder
+
+
+def test_the_previews_and_a_real_load_on_the_cpu_pick_the_same_placement(tmp_path):
+    """No GPU: the real loader on a tiny model, in memory and (under a --max-memory budget that only
+    a streamed run fits) streamed from disk, says what the previews said."""
+    import argparse
+
+    from cli import flags
+    from evaluation.lab import Lab
+    from ui.engine import Engine
+    from ui.lab_tab import memory_plan_markdown
+
+    folder = _tiny_folder(tmp_path / "tiny")
+    recipe = Recipe(
+        model=str(folder),
+        device="cpu",
+        calibration=CalibrationSpec(nsamples=4, seqlen=32),
+        evaluation=EvalSpec(("wikitext2",), 64, 2),
+    )
+    bar = _Lines()
+    flags.show_memory_plan(argparse.Namespace(max_memory=None, streaming="auto"), recipe, bar)
+    app = memory_plan_markdown(Engine(device="cpu"), str(folder), recipe)
+    loaded = Lab.open(recipe).loaded
+    assert loaded.plan.headline() == "in memory on cpu" and loaded.stream is None
+    assert bar.lines[0] == f"memory plan: {loaded.plan.headline()}"
+    assert app.startswith(f"**Memory plan:** {loaded.plan.headline()}  \n")
+    # a CPU budget between what streaming needs and what holding it in memory needs
+    work, size, roomy = Workload.for_recipe(recipe, 1), model_size(_config("llama"), torch.float32), 2**40
+    wide = Budget("cpu", roomy, roomy, roomy)
+    whole = plan_memory(size, wide, work, streaming="off").totals()["cpu"]
+    streamed = plan_memory(size, wide, work, streaming="on").totals()["cpu"]
+    assert streamed < whole
+    cap = f"cpu={int((streamed + whole) / 2 / 0.9)}B"
+    bar = _Lines()
+    capped = argparse.Namespace(max_memory=parse_max_memory(cap), streaming="auto")
+    flags.show_memory_plan(capped, recipe, bar)
+    loaded = Lab.open(recipe, max_memory=cap).loaded
+    assert loaded.plan.mode == "streamed" and loaded.stream is not None and loaded.stream.store_kind == "disk"
+    assert bar.lines[0] == f"memory plan: {loaded.plan.headline()}"

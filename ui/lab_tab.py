@@ -16,15 +16,16 @@ from evaluation.lab import RunResult
 from evaluation.perplexity import dataset_label
 from evaluation.speed import measure_24, semi_structured_support
 from prune.errors import LabError
+from prune.jobs import job_size
 from prune.progress import Event
 from prune.recipe import Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 from runtime import memory
-from runtime.models import OFFLINE_MODELS, resolve_device, resolve_dtype
+from runtime.models import config_source, resolve_device, resolve_dtype
 from runtime.paths import data_dir
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
-from ui.engine import MODEL_CHOICES, Engine, Session
+from ui.engine import Engine
 from ui.hosting import Limits
 from ui.recipes import (
     CALIBRATION_CHOICES,
@@ -41,9 +42,19 @@ from ui.recipes import (
     readout,
     recipe_summary,
 )
+from ui.registry import MODEL_CHOICES
+from ui.sessions import Session
 
 TEXT_FILES = [".txt", ".jsonl", ".json", ".parquet"]
 PPL_HEADERS = ["dataset", "dense", "pruned", "pruned / dense", "windows x tokens"]
+# What a run's status line says for the stage of an event (``prune.progress.Event.stage``).
+STAGE_LABELS = {
+    "load": "Model",
+    "calibration": "Pruning",
+    "statistics": "Pruning",
+    "prune": "Pruning",
+    "perplexity": "Evaluating",
+}
 HISTORY_WIDTHS = ["6%", "38%", "9%", "10%", "20%", "9%", "8%"]
 HISTORY_HEADERS = [
     "run",
@@ -114,11 +125,11 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
     model not offered here, an offline model not converted yet, a hub id without the hub."""
     try:
         source, token_ok = engine.hosting.resolve(name)
-        config = memory.config_source(source, OFFLINE_MODELS)
+        config = config_source(source)
         if config is None:
             return ""
         device = resolve_device(engine.device)
-        sessions = max(1, engine.live_sessions())
+        sessions = max(1, engine.sessions.live())
         workload = memory.Workload.for_recipe(recipe, memory.default_batch_size(device), sessions)
         dtype = resolve_dtype(engine.dtype, device)
         plan = memory.plan_for_source(config, dtype, device, workload, token=None if token_ok else False)
@@ -289,7 +300,7 @@ def make_handlers(engine: Engine):
             return result, engine.lab.calibration_passes  # jobs run one at a time: nothing ran between
 
         yield ["Waiting for the model ...", ppl_rows(live)] + skip
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, job_size(recipe, "run")):
             if kind == "queue":
                 yield [waiting_text(payload), gr.skip()] + skip
             elif kind == "progress":
@@ -300,10 +311,8 @@ def make_handlers(engine: Engine):
                     cell[event.which] = event.value
                     cell[f"{event.which}_at"] = f"{event.step}/{event.steps}"
                     yield [f"Evaluating: {event.message}", ppl_rows(live)] + skip
-                elif event.stage == "load":
-                    yield [f"Model: {event.message}", gr.skip()] + skip
-                elif event.fraction <= 0.5:
-                    yield [f"Pruning: {event.message}", gr.skip()] + skip
+                elif event.stage in STAGE_LABELS:
+                    yield [f"{STAGE_LABELS[event.stage]}: {event.message}", gr.skip()] + skip
         result, lab_passes = payload
         summary = visible_summary(engine, run_summary(result, session, lab_passes))
         for ds, pair in result.perplexity.items():
@@ -330,6 +339,34 @@ def make_handlers(engine: Engine):
         return [history_rows(session.history), plots.render(plots.history_plot, session.history)]
 
     return load_model, live_readout, apply_preset, prune_and_evaluate, clear_history
+
+
+# ----- measuring a kept state again ----------------------------------------------------------------
+def make_measure_handler(engine: Engine):
+    @user_errors
+    def measure_again(session: Session) -> Iterator[list]:
+        """Pruned perplexity of this session's kept state, on the windows of its last run: the same
+        weights as that run, whatever other sessions pruned since."""
+        if session.recipe is None:
+            raise gr.Error("Nothing pruned in this session yet: press 'Prune & evaluate' first.")
+        evaluation = session.recipe.evaluation
+
+        def work(emit):
+            with engine.pruned(session):
+                lab = engine.lab
+                return {
+                    ds: lab.perplexity(ds, evaluation.seqlen, evaluation.max_windows).perplexity
+                    for ds in evaluation.datasets
+                }
+
+        yield ["Waiting for the model ...", gr.skip()]
+        for kind, payload in engine.heavy(session, work):
+            if kind == "queue":
+                yield [waiting_text(payload), gr.skip()]
+        text = ", ".join(f"{dataset_label(ds)} {ppl:.3f}" for ds, ppl in payload.items())
+        yield [f"Run #{session.runs} measured again: pruned perplexity {text}", payload]
+
+    return measure_again
 
 
 # ----- measured 2:4 ---------------------------------------------------------------------------------
@@ -383,7 +420,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     shape = engine.shape()
     # A plain function, not the bound method: Gradio deep-copies the page config (with this callback)
     # for every page view, and a bound method would drag the engine and its model along.
-    session = gr.State(Session(), delete_callback=lambda state: engine.forget(state))
+    session = gr.State(Session(), delete_callback=lambda state: engine.sessions.forget(state))
     load_model, live_readout, apply_preset, prune_and_evaluate, clear_history = make_handlers(engine)
     measure_speed = make_speed_handler(engine)
     with gr.Row(equal_height=False):
@@ -507,6 +544,10 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         heat_plot = figure_box("Sparsity per layer")
     with gr.Accordion("Raw result (JSON)", open=False):
         result_json = gr.JSON(label="Last run")
+    with gr.Row():
+        measure_btn = gr.Button("Measure again", size="sm", scale=0, min_width=200)
+        measure_md = gr.Markdown(elem_id="measure-result")
+        measure_json = gr.JSON(visible=False)
     with gr.Row(visible=semi_structured_support()[0]):
         speed_btn = gr.Button("Measure 2:4 speed", size="sm", scale=0, min_width=200)
         speed_result = gr.Markdown(elem_id="speed-result")
@@ -579,7 +620,10 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         **LIGHT,
     )
     clear_btn.click(clear_history, [session], [history_table, history_fig], api_name="clear_history", **LIGHT)
-    wire_cancel(engine, cancel_btn, session, [run_event])
+    measure_event = measure_btn.click(
+        make_measure_handler(engine), [session], [measure_md, measure_json], api_name="measure", **HEAVY
+    )
+    wire_cancel(engine, cancel_btn, session, [run_event, measure_event])
     structure.change(speed_note, structure, speed_md, api_name=False, **LIGHT)
     speed_btn.click(measure_speed, [session], speed_result, api_name="measure_24", **HEAVY)
     return LabTab(session, model_md, sliders, controls, readout_md, refresh_outputs, readout_event)
@@ -637,8 +681,8 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
     model is loaded now, as a job, so the page shows it. Nobody else's work changes."""
     name = (custom or "").strip() or (choice or "").strip()
     skip = [gr.skip()] * (len(ROLES) + 5)
-    engine.touch(session)
-    previous = (session.model, session.token_ok, session.masks, session.recipe, session.masks_model)
+    engine.sessions.touch(session)
+    previous = (session.model, session.token_ok, session.state, session.recipe, session.masks_model)
     wanted = engine.hosting.display(engine.choose(session, name))  # refused at once, one message
     yield [f"Loading **{wanted}** ..."] + skip
 
@@ -653,8 +697,8 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
                 progress(0.5, desc=payload.message)
                 yield [f"Loading **{wanted}**: {payload.message}"] + skip
     except Exception:
-        session.model, session.token_ok, session.masks, session.recipe, session.masks_model = previous
-        yield refresh(engine, session) if session.model in (None, *engine._known) else [gr.skip()] + skip
+        session.model, session.token_ok, session.state, session.recipe, session.masks_model = previous
+        yield refresh(engine, session) if session.model in (None, *engine.known) else [gr.skip()] + skip
         raise
     gr.Info(f"Loaded {wanted} for you in {engine.last_load_s:.1f} s" if engine.swaps else f"Loaded {wanted}")
     yield refresh(engine, session)
@@ -663,7 +707,7 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
 def checked_recipe(engine: Engine, session: Session, controls: Controls):
     """The recipe for this session's model, refused before anything runs when over a limit."""
     recipe = build_recipe(controls, engine.shape(session))
-    engine.hosting.limits.check_recipe(recipe)
+    engine.hosting.limits.check(job_size(recipe, "run"))
     return recipe
 
 
@@ -687,7 +731,7 @@ def wire_cancel(engine: Engine, button: gr.Button, session: gr.State, events: li
 
     @user_errors
     def cancel(session: Session) -> None:
-        count = engine.cancel(session)
+        count = engine.sessions.cancel(session)
         gr.Info(f"Cancelled {count} job{'s' if count != 1 else ''}." if count else "Nothing to cancel.")
 
     button.click(cancel, [session], None, api_name="cancel", **LIGHT)
