@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from prune.errors import LabError
 from prune.progress import Event, Progress, silent
 from runtime.data import TextSource, load_file, load_texts
-from runtime.stream import LayerStream, hidden_of, input_device, layerwise, replayed
+from runtime.models import LoadedModel
+from runtime.stream import model_logits
 
 
 class EvaluationError(LabError):
@@ -72,33 +74,22 @@ def encoded(tokenizer, dataset: str) -> tuple[torch.Tensor, TextSource]:
     return _encode(dataset, tokenizer)
 
 
-def window_logits(
-    model, windows: torch.Tensor, batch_size: int, stream: LayerStream | None, progress: Progress
+def _logits(
+    model: LoadedModel | nn.Module, windows: torch.Tensor, batch_size: int, progress: Progress
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """``logits_of(k, inputs)`` for the k-th batch of windows: one model call, or, streamed, the
-    head over the k-th batch's last hidden states after one layer-by-layer pass of every batch."""
-    if stream is None:
-        device = input_device(model)
-        return lambda _k, inputs: model(inputs.to(device), use_cache=False).logits
+    """``logits_of(k, inputs)`` for the k-th batch of windows, wherever the model lives."""
+    if not isinstance(model, LoadedModel):
+        return model_logits(model)
 
     def on_layer(done: int, steps: int) -> None:
         progress(Event("perplexity", 0.0, f"streamed pass: layer {done}/{steps}", step=done, steps=steps))
 
-    roles, device = stream.roles, input_device(model)
-    calls, extras = layerwise(
-        model, roles, windows, batch_size, stream.hidden_device, stream.resident, on_layer
-    )
-
-    def logits_of(k: int, inputs: torch.Tensor) -> torch.Tensor:
-        with replayed(model, roles, hidden_of(calls[k]).to(device), extras[k]):
-            return model(inputs.to(device), use_cache=False).logits
-
-    return logits_of
+    return model.window_logits(windows, batch_size, on_layer)
 
 
 @torch.no_grad()
 def perplexity(
-    model,
+    model: LoadedModel | nn.Module,
     tokenizer,
     dataset: str = "wikitext2",
     seqlen: int = 2048,
@@ -106,11 +97,11 @@ def perplexity(
     batch_size: int = 1,
     progress: Progress = silent,
     which: str | None = None,
-    stream: LayerStream | None = None,
 ) -> PerplexityResult:
     """``dataset``: "wikitext2", "c4", or a path to a .txt/.jsonl/.parquet file. Every window
     reports an Event with the running perplexity; ``which`` ("dense"/"pruned") labels them.
-    A streamed model (``stream``) runs layer by layer over all windows first (same floats)."""
+    ``model``: a loaded model on any placement (a streamed one runs layer by layer over all windows
+    first, same floats), or a plain module (a quantized copy)."""
     ids, source = encoded(tokenizer, dataset)
     if dataset == "c4":
         ids = ids[:, : 256 * seqlen]
@@ -120,9 +111,7 @@ def perplexity(
     windows = min(total, max_windows) if max_windows else total
     label = dataset_label(dataset)
     nll_sum, start = 0.0, time.perf_counter()
-    logits_of = window_logits(
-        model, ids[:, : windows * seqlen].reshape(windows, seqlen), batch_size, stream, progress
-    )
+    logits_of = _logits(model, ids[:, : windows * seqlen].reshape(windows, seqlen), batch_size, progress)
     for k, first in enumerate(range(0, windows, batch_size)):
         last = min(first + batch_size, windows)
         inputs = ids[:, first * seqlen : last * seqlen].reshape(last - first, seqlen)

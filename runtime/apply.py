@@ -12,6 +12,8 @@ from torch import nn
 from prune.roles import RoleMap
 from prune.state import Masks, Values
 
+SNAPSHOT_ROOM = 3  # the dense copy goes on the GPU only with this many times its size free there
+
 
 class DenseWeights:
     """Copies of every matrix that holds a role, taken once, before any pruning.
@@ -48,7 +50,7 @@ def _snapshot_device(params: list[torch.Tensor]) -> torch.device:
         return torch.device("cpu")
     need = sum(p.numel() * p.element_size() for p in params)
     free, _ = torch.cuda.mem_get_info(device)
-    return device if free > 3 * need else torch.device("cpu")
+    return device if free > SNAPSHOT_ROOM * need else torch.device("cpu")
 
 
 def snapshot_place(dense: DenseWeights | None, model_device: torch.device) -> str:

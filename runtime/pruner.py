@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from prune.allocation import layer_outlier_ratios, schedule_per_layer
+from prune.allocation import schedule_per_layer
+from prune.errors import LabError
 from prune.masks import mask_from_ranks, row_ranks
 from prune.methods import method_mask
 from prune.progress import Event, Progress, scaled, silent
@@ -26,25 +27,33 @@ from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.report import SparsityReport, sparsity_report
 from prune.roles import ROLES
 from prune.sparsegpt import sparsegpt_prune
+from prune.state import DENSE, PrunedState
 from runtime import calibration
 from runtime.apply import DenseWeights, Masks, Values, apply_masks, join_masks, touched_modules
 from runtime.cache import LRU, cap_folder
+from runtime.memory import default_batch_size
 from runtime.models import LoadedModel
 from runtime.paths import cache_dir
-from runtime.stats import ActivationStats, dense_pass, sequential_pass
-from runtime.stream import resident_fn
+from runtime.stats import ActivationStats, calibration_statistics, layer_outlier_ratios, sequential_pass
 
 
 @dataclass
 class PruneResult:
     recipe: Recipe
     report: SparsityReport
-    masks: Masks
-    values: Values  # the rewritten weights of a method that changes them (SparseGPT), else {}
+    state: PrunedState  # masks, the rewritten weights of a method that changes them, recipe, key
     timings: dict[str, float]
     stats_source: str  # "sequential", "cached: memory", "cached: disk", "cached: computed", "none"
     calibration_passes: int  # forward passes over the calibration set this run needed
     calibration: dict = field(default_factory=dict)
+
+    @property
+    def masks(self) -> Masks:
+        return self.state.masks
+
+    @property
+    def values(self) -> Values:
+        return self.state.values
 
     def summary(self) -> dict:
         return {
@@ -63,10 +72,9 @@ def ids_digest(ids: torch.Tensor) -> str:
 class Pruner:
     def __init__(self, loaded: LoadedModel, batch_size: int | None = None):
         self.loaded = loaded
-        self.batch_size = batch_size or (8 if loaded.device.type == "cuda" else 1)
+        self.batch_size = batch_size or default_batch_size(loaded.device)
         self.dense: DenseWeights | None = None
-        self.masks: Masks = {}  # what is applied to the model now
-        self.values: Values = {}  # and the weights a method rewrote, for switching back to them
+        self.state: PrunedState = DENSE  # what is applied to the model now (always complete)
         self.calibration_passes = 0  # forward passes over calibration sets, ever
         # Bounded LRUs (runtime.cache: entries and bytes, set by the host), not ever-growing dicts.
         self._ids: LRU = LRU()  # calibration spec key -> ids
@@ -76,7 +84,14 @@ class Pruner:
         self._ranks: LRU = LRU()  # (stats key, method) -> {(layer, role): ranks}
         self.use_ranks = loaded.device.type == "cpu"
         self.stream = loaded.stream  # a streamed model: layers come to the device one at a time
-        self.resident = resident_fn(self.stream)
+
+    @property
+    def masks(self) -> Masks:
+        return self.state.masks
+
+    @property
+    def values(self) -> Values:
+        return self.state.values
 
     # ----- calibration and statistics -----------------------------------------------------------
     def seqlen_for(self, requested: int) -> int:
@@ -123,7 +138,7 @@ class Pruner:
         else:
             with self._dense():
                 lm = self.loaded
-                stats = dense_pass(lm.model, lm.roles, ids, self.batch_size, progress, kind, self.stream)
+                stats = calibration_statistics(lm, ids, self.batch_size, progress, kind)
             self.calibration_passes += 1
             if kind == "norms":
                 stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
@@ -205,9 +220,13 @@ class Pruner:
 
     # ----- the run ------------------------------------------------------------------------------
     def prune(
-        self, recipe: Recipe, progress: Progress = silent, ids: torch.Tensor | None = None
+        self,
+        recipe: Recipe,
+        progress: Progress = silent,
+        ids: torch.Tensor | None = None,
+        key: Hashable | None = None,
     ) -> PruneResult:
-        """Restore the dense model, then prune it in place as the recipe says."""
+        """Restore the dense model, then prune it in place as the recipe says (the state named ``key``)."""
         self._check(recipe)
         self.restore()
         timings: dict[str, float] = {}
@@ -227,7 +246,7 @@ class Pruner:
         if not recipe.needs_statistics or not wanted:
             ranks = self._rank_cache(recipe, "")  # scores from the weights alone
             for layer in wanted:
-                with self.resident(layer):
+                with self.loaded.layer(layer):
                     masks.update(self._layer_masks(recipe, layer, None, ranks)[0])
             source = "none"
         else:
@@ -252,7 +271,7 @@ class Pruner:
                 t = time.perf_counter()
                 ranks = self._rank_cache(recipe, self._stats_key(ids))
                 for done, layer in enumerate(wanted, 1):
-                    with self.resident(layer):
+                    with self.loaded.layer(layer):
                         layer_masks, layer_values = self._layer_masks(recipe, layer, stats, ranks)
                     masks.update(layer_masks)
                     values.update(layer_values)
@@ -264,8 +283,11 @@ class Pruner:
                 source = "sequential"
                 self.calibration_passes += 1
         t = time.perf_counter()
-        if source != "sequential":
-            self.apply(masks, values)
+        state = PrunedState(masks, values, recipe, key)
+        if source == "sequential":  # applied layer by layer already
+            self._set_state(state)
+        else:
+            self.apply(state)
         timings["apply_s"] = time.perf_counter() - t
         if unreached:  # MoE experts no calibration token reached (scored by magnitude)
             calib_info["unreached_experts"] = unreached
@@ -273,7 +295,7 @@ class Pruner:
         timings["total_s"] = time.perf_counter() - start
         progress(Event("prune", 1.0, "pruned"))
         passes = self.calibration_passes - passes_before
-        return PruneResult(recipe, report, masks, values, timings, source, passes, calib_info)
+        return PruneResult(recipe, report, state, timings, source, passes, calib_info)
 
     def _scheduled(
         self, recipe: Recipe, ids: torch.Tensor | None, timings: dict, progress: Progress
@@ -283,15 +305,13 @@ class Pruner:
         (one cached pass, shared with cached pruning; in sequential mode an extra dense pass, as OWL
         computes them); ``schedule_per_layer`` keeps the pruned count of the recipe without it."""
         lm = self.loaded
-        if recipe.layer_schedule == "uniform" or all(
-            i in recipe.per_layer for i in range(lm.roles.num_layers)
-        ):
+        if not recipe.schedules_layers(lm.roles.num_layers):
             return recipe
         t = time.perf_counter()
         if ids is None:
             ids = self.calibration_ids(recipe.calibration)
         stats, _ = self.cached_statistics(ids, scaled(progress, 0.0, 0.2, "outlier ratios"))
-        ratios = layer_outlier_ratios(lm.model, lm.roles, stats, recipe.owl_m, self.resident)
+        ratios = layer_outlier_ratios(lm, stats, recipe.owl_m)
         shapes = {
             (layer, role): target.shape(lm.model) for layer, role, target in lm.roles.items()
         }  # rows, in
@@ -318,22 +338,20 @@ class Pruner:
             apply_masks(model, roles, layer_masks, layer_values)
             return bool(layer_masks)
 
-        self._set_state(masks, values)  # grow layer by layer: restore() knows what was touched
+        self._set_state(PrunedState(masks, values, recipe))  # grows: restore() knows what was touched
         kind = recipe.method_spec.statistics
         try:
-            sequential_pass(
-                model, roles, ids, self.batch_size, prune_layer, last_layer, progress, kind, self.stream
-            )
+            sequential_pass(self.loaded, ids, self.batch_size, prune_layer, last_layer, progress, kind)
         except BaseException:
             self.restore()
             raise
         return masks, values, unreached
 
     # ----- reversibility ------------------------------------------------------------------------
-    def _set_state(self, masks: Masks, values: Values) -> None:
-        self.masks, self.values = masks, values
+    def _set_state(self, state: PrunedState) -> None:
+        self.state = state
         if self.stream is not None:  # applied as each layer comes to the device
-            self.stream.set_state(masks, values)
+            self.stream.set_state(state.masks, state.values)
 
     def _ensure_snapshot(self) -> None:
         """A streamed model needs none: its store is dense, pruning is applied on the way in."""
@@ -344,31 +362,45 @@ class Pruner:
         """Back to the dense model, bitwise; only the matrices the masks touched are copied."""
         if self.dense is not None and self.masks:
             self.dense.restore(touched_modules(self.loaded.roles, self.masks))
-        self._set_state({}, {})
+        self._set_state(DENSE)
 
-    def apply(self, masks: Masks, values: Values | None = None) -> None:
-        """Switch to another pruned state (e.g. another session's) without recomputing it. Atomic:
-        a failure halfway (out of memory, say) restores every matrix it may have touched."""
+    def apply(self, state: PrunedState) -> None:
+        """Switch to another pruned state (e.g. another session's) without recomputing it, unless it
+        is compact: then its values are solved again from its recipe. Atomic: a failure halfway (out
+        of memory, say) restores every matrix it may have touched."""
+        if state.is_compact:
+            return self._solve(state)
         self.restore()
-        if not masks:
-            return
+        if state.is_dense:
+            return self._set_state(state)
         self._ensure_snapshot()
-        self._set_state(masks, dict(values or {}))
+        self._set_state(state)
         if self.stream is not None:
             return
         try:
-            apply_masks(self.loaded.model, self.loaded.roles, masks, values)
+            apply_masks(self.loaded.model, self.loaded.roles, state.masks, state.values)
         except BaseException:
             self.restore()
             raise
+
+    def _solve(self, state: PrunedState) -> None:
+        """A compact state's values, solved again from its recipe (cached statistics: no forward pass
+        when they are still in memory); the masks must come out as the state has them."""
+        solved = self.prune(state.recipe, key=state.key).state
+        same = solved.masks.keys() == state.masks.keys() and all(
+            torch.equal(solved.masks[key].cpu(), mask.cpu()) for key, mask in state.masks.items()
+        )
+        if not same:
+            self.restore()
+            raise LabError("this pruned state no longer follows from its recipe here: prune again")
 
     @contextmanager
     def _dense(self) -> Iterator[None]:
         """The dense model for a calibration step, then the current state again (the Lab's lock
         is held by whoever called)."""
-        masks, values = self.masks, self.values
+        state = self.state
         self.restore()
         try:
             yield
         finally:
-            self.apply(masks, values)
+            self.apply(state)

@@ -15,11 +15,8 @@ and are not after (``QuantReport``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import cache
 
@@ -27,7 +24,8 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
-from prune.roles import RoleMap, Target
+from prune.roles import Target
+from runtime.models import LoadedModel
 
 QUANT_KINDS: tuple[str, ...] = ("int8", "nf4")
 # NF4 weights are dequantized to this for each matmul on a GPU. On a CPU the model's own dtype:
@@ -46,8 +44,6 @@ _HOOKS = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
-
-Resident = Callable[[int], AbstractContextManager]  # layer -> a block in which its weights are real
 
 
 class QuantizationError(LabError):
@@ -220,19 +216,15 @@ def _without_hooks(modules, memo: dict) -> None:
 
 
 def quantized_copy(
-    model: nn.Module,
-    roles: RoleMap,
-    kind: str,
-    device: torch.device,
-    resident: Resident = lambda layer: contextlib.nullcontext(),
+    lm: LoadedModel, kind: str, device: torch.device | None = None
 ) -> tuple[nn.Module, QuantReport]:
-    """A copy of ``model`` as it is now whose decoder-layer linears are bitsandbytes ``kind``
-    modules on ``device``, and what the copy keeps of the zeros.
+    """A copy of ``lm``'s model as it is now whose decoder-layer linears are bitsandbytes ``kind``
+    modules on ``device`` (default: the model's), and what the copy keeps of the zeros.
 
-    ``resident(i)`` is a block in which layer i's weights are real, with the current pruned state
-    applied (a streamed model's layers are "meta" outside it); each layer is copied inside its
-    block, one at a time, so no more than one layer is ever real at once. The original is not
-    changed; the copy shares its tensors outside the layers."""
+    Each layer is copied inside ``lm.layer(i)``, one at a time, so a streamed model never has more
+    than one layer real at once. The original is not changed; the copy shares its tensors outside
+    the layers."""
+    model, roles, device = lm.model, lm.roles, device or lm.device
     check_kind(kind)
     if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
         raise QuantizationError("quantized copies need a model on one device; this one is spread out")
@@ -251,7 +243,7 @@ def quantized_copy(
     kept: set[str] = set()
     for i, layer in enumerate(layers):
         prefix = f"{roles.layers_path}.{i}."
-        with resident(i), torch.no_grad():
+        with lm.layer(i), torch.no_grad():
             linears = _linears(layer)
             layer_memo = dict(memo)  # hooks emptied and outside tensors shared, as for the model
             for module in linears.values():  # replaced below, never copied

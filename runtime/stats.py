@@ -1,12 +1,12 @@
 """Calibration statistics of every pruned matrix's input: the squared norm of each column (Wanda)
 or the Hessian ``2/n sum x x^T`` (SparseGPT; linears that read the same input share one).
 
-Two ways to get them:
+Two ways to get them, on any placement (held in memory or streamed):
 - ``sequential_pass``: the reference procedure. Layer by layer, statistics come from one pass of
   the still-dense layer; the caller prunes it; the pruned layer is re-run and its outputs feed
-  the next layer.
-- ``dense_pass``: one pass of the dense model, every layer at once, so any later sparsity
-  setting needs no forward pass at all ("cached" mode).
+  the next layer (``runtime.stream.layer_by_layer``, the one layer loop).
+- ``calibration_statistics``: one pass of the dense model, so any later sparsity setting needs no
+  forward pass at all ("cached" mode).
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prune.allocation import layer_outlier_ratio
 from prune.progress import Event, Progress, silent
+from prune.recipe import OWL_M
 from prune.roles import RoleMap
 from prune.sparsegpt import inverse_hessian
-from runtime.stream import (
-    LayerStream,
-    _Stop,
-    hidden_of,
-    input_device,
-    layer_calls,
-    resident_fn,
-    run_layer,
-    with_hidden,
-)
+from runtime.models import LoadedModel
+from runtime.stream import _Stop, input_device, layer_by_layer
 
 KINDS = ("norms", "hessian")
 
@@ -129,29 +123,23 @@ def _in_features(module: nn.Module) -> int:
     return weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1]
 
 
-def _watch(model: nn.Module, names: list[str], kind: str) -> tuple[dict, list]:
-    """Hooks that accumulate each module's input statistics. A Hessian is shared by modules that
-    receive the very same input tensor one after the other (q, k, v; gate, up): it is added once."""
-    stats, owner, handles = {}, {}, []
-    last: dict = {"input": None, "owner": None}  # holding the tensor keeps its identity unique
-    for name in names:
-        module = model.get_submodule(name)
-        columns, device = _in_features(module), module.weight.device
+def _watch(model: nn.Module, owners: dict[str, str], kind: str) -> tuple[dict, list]:
+    """Hooks that accumulate the input statistics of each module of ``owners`` (module -> the module
+    whose Hessian it shares, ``RoleMap.hessian_owners``): a shared Hessian (q, k, v; gate, up) is
+    added once, by its owner, and every sharer names the same accumulator. Norms are per module."""
+    stats, handles = {}, []
+    for name, owner in owners.items():
+        if kind != "hessian" or owner == name:
+            module = model.get_submodule(name)
+            accumulator = _accumulator(kind, _in_features(module), module.weight.device)
+            stats[name] = accumulator
 
-        def hook(_m, inp, _out, name=name, columns=columns, device=device):
-            x = inp[0]
-            if name not in owner:  # the first batch decides who shares
-                if kind == "hessian" and x is last["input"]:
-                    owner[name] = last["owner"]
-                    stats[name] = stats[owner[name]]
-                else:
-                    owner[name] = name
-                    stats[name] = _accumulator(kind, columns, device)
-            if owner[name] == name:
-                stats[name].add(x.detach())
-            last["input"], last["owner"] = x, owner[name]
+            def hook(_m, inp, _out, accumulator=accumulator):
+                accumulator.add(inp[0].detach())
 
-        handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook))
+    for name, owner in owners.items():
+        stats.setdefault(name, stats[owner])
     return stats, handles
 
 
@@ -236,6 +224,31 @@ def _with_experts(stats: ActivationStats, experts: dict[str, ExpertNorms]) -> Ac
     return stats
 
 
+def calibration_statistics(
+    lm: LoadedModel, ids: torch.Tensor, batch_size: int, progress: Progress = silent, kind: str = "norms"
+) -> ActivationStats:
+    """Dense statistics (``kind``: norms or hessian) of every pruned matrix from one pass over
+    ``ids``, wherever the model lives: held in memory, one model call per batch (``dense_pass``);
+    streamed, layer by layer (same floats, batch by batch), the Hessians waiting on the CPU, beside
+    the layer weights, until the solves."""
+    if lm.stream is None:
+        return dense_pass(lm.model, lm.roles, ids, batch_size, progress, kind)
+    merged = ActivationStats(nsamples=ids.shape[0])
+
+    def collect(_layer: int, stats: ActivationStats) -> bool:
+        merged.sq_norms.update(stats.sq_norms)
+        moved: dict[int, torch.Tensor] = {}  # one CPU tensor per shared Hessian
+        for name, hessian in stats.hessians.items():
+            if id(hessian) not in moved:
+                moved[id(hessian)] = hessian.cpu()
+            merged.hessians[name] = moved[id(hessian)]
+        merged.expert_tokens.update(stats.expert_tokens)
+        return False  # nothing pruned: the next layer gets the dense outputs
+
+    sequential_pass(lm, ids, batch_size, collect, None, progress, kind, "statistics")
+    return merged
+
+
 @torch.no_grad()
 def dense_pass(
     model: nn.Module,
@@ -244,15 +257,13 @@ def dense_pass(
     batch_size: int,
     progress: Progress = silent,
     kind: str = "norms",
-    stream: LayerStream | None = None,
 ) -> ActivationStats:
-    """Statistics (``kind``: norms or hessian) of every pruned matrix from one dense pass; stops
-    before the LM head. A streamed model goes layer by layer (same floats, batch by batch); its
-    Hessians wait on the CPU, beside the layer weights, until the solves."""
-    if stream is not None:
-        return _layerwise_dense_pass(model, roles, ids, batch_size, progress, kind, stream)
-    names = [n for layer in range(roles.num_layers) for n in roles.modules_in_layer(layer)]
-    stats, handles = _watch(model, names, kind)
+    """Statistics (``kind``: norms or hessian) of every pruned matrix of a model held in memory, from
+    one dense pass of the whole model per batch; stops before the LM head."""
+    owners = {}
+    for layer in range(roles.num_layers):
+        owners.update(roles.hessian_owners(layer))
+    stats, handles = _watch(model, owners, kind)
     experts_names = [n for layer in range(roles.num_layers) for n in roles.experts_in_layer(layer)]
     experts, more = _watch_experts(model, experts_names if kind == "norms" else [])
     handles += more
@@ -284,71 +295,43 @@ def dense_pass(
     return _with_experts(_collected(stats, kind, ids.shape[0]), experts)
 
 
-def _layerwise_dense_pass(
-    model: nn.Module,
-    roles: RoleMap,
-    ids: torch.Tensor,
-    batch_size: int,
-    progress: Progress,
-    kind: str,
-    stream: LayerStream,
-) -> ActivationStats:
-    merged = ActivationStats(nsamples=ids.shape[0])
-
-    def collect(_layer: int, stats: ActivationStats) -> bool:
-        merged.sq_norms.update(stats.sq_norms)
-        moved: dict[int, torch.Tensor] = {}  # one CPU tensor per shared Hessian
-        for name, hessian in stats.hessians.items():
-            if id(hessian) not in moved:
-                moved[id(hessian)] = hessian.cpu()
-            merged.hessians[name] = moved[id(hessian)]
-        merged.expert_tokens.update(stats.expert_tokens)
-        return False  # nothing pruned: the next layer gets the dense outputs
-
-    sequential_pass(model, roles, ids, batch_size, collect, None, progress, kind, stream, "statistics")
-    return merged
-
-
-@torch.no_grad()
 def sequential_pass(
-    model: nn.Module,
-    roles: RoleMap,
+    lm: LoadedModel,
     ids: torch.Tensor,
     batch_size: int,
     prune_layer: Callable[[int, ActivationStats], bool],
     last_layer: int | None = None,
     progress: Progress = silent,
     kind: str = "norms",
-    stream: LayerStream | None = None,
     stage: str = "prune",
 ) -> None:
-    """The references' layer-by-layer procedure (Wanda and SparseGPT alike). ``prune_layer(i,
-    stats)`` prunes layer i in place and says whether it changed anything; only then is the layer
-    re-run for the next one's inputs. A streamed model's layer is on the compute device for its
-    turn only; hidden states wait where the stream says.
-    Layers after ``last_layer`` (the last one with anything to prune) are not visited."""
-    layers = roles.layers(model)
-    last = len(layers) - 1 if last_layer is None else last_layer
-    resident = resident_fn(stream)
-    hidden_device = stream.hidden_device if stream is not None else None
-    calls = layer_calls(model, roles, ids, batch_size)
-    hidden = [hidden_of(call) for call in calls[0]]
-    for i, layer in enumerate(layers[: last + 1]):
-        with resident(i):
-            device = next(layer.parameters()).device
-            inputs = [with_hidden(call, h.to(device)) for call, h in zip(calls[i], hidden, strict=True)]
-            accumulators, handles = _watch(model, roles.modules_in_layer(i), kind)
-            experts, more = _watch_experts(model, roles.experts_in_layer(i) if kind == "norms" else [])
-            handles += more
-            try:
-                outputs = [run_layer(layer, *call)[0] for call in inputs]
-            finally:
-                for h in handles:
-                    h.remove()
-            stats = _with_experts(_collected(accumulators, kind, ids.shape[0]), experts)
-            if prune_layer(i, stats):
-                outputs = [run_layer(layer, *call)[0] for call in inputs]
-        hidden = [out.to(hidden_device or out.device) for out in outputs]
-        done, steps = i + 1, last + 1
+    """The references' layer-by-layer procedure (Wanda and SparseGPT alike), on any placement.
+    ``prune_layer(i, stats)`` gets the statistics of one pass of the still-dense layer i, prunes it
+    in place and says whether it changed anything; only then is the layer re-run for the next one's
+    inputs. Layers after ``last_layer`` (the last one with anything to prune) are not visited."""
+    model, roles = lm.model, lm.roles
+
+    def visit(layer: int) -> tuple[list, Callable[[], bool]]:
+        accumulators, handles = _watch(model, roles.hessian_owners(layer), kind)
+        experts, more = _watch_experts(model, roles.experts_in_layer(layer) if kind == "norms" else [])
+
+        def prune() -> bool:
+            return prune_layer(layer, _with_experts(_collected(accumulators, kind, ids.shape[0]), experts))
+
+        return handles + more, prune
+
+    def on_layer(done: int, steps: int) -> None:
         message = f"{'sequential pruning' if stage == 'prune' else 'calibration pass'}: layer {done}/{steps}"
         progress(Event(stage, done / steps, message, step=done, steps=steps))
+
+    layer_by_layer(model, roles, ids, batch_size, lm.stream, visit, last_layer, on_layer)
+
+
+@torch.no_grad()
+def layer_outlier_ratios(lm: LoadedModel, stats: ActivationStats, m: float = OWL_M) -> list[float]:
+    """OWL's outlier ratio of every decoder layer of the model as it is now (dense, when a schedule
+    asks), from ``stats`` (its calibration statistics); each layer's weights read on any placement."""
+    return [
+        layer_outlier_ratio([(weight, stats.sq_norms[piece.stats_key]) for piece, weight in pieces], m)
+        for _layer, pieces in lm.layer_weights()
+    ]

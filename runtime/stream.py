@@ -2,9 +2,11 @@
 
 This is how the Wanda and SparseGPT references prune models far bigger than the GPU: the inputs of
 the first layer are caught once, then each layer runs over all windows and its outputs become the
-next layer's inputs. ``sequential_pass`` (runtime/stats.py) uses it on any model; a *streamed* model
-(``LayerStream``) uses it for everything, because only one decoder layer's weights are on the
-compute device at a time.
+next layer's inputs. ``layer_by_layer`` is the one loop that does it: sequential pruning
+(runtime/stats.py) uses it on any model; a *streamed* model (``LayerStream``) uses it for every
+pass (statistics, perplexity), because only one decoder layer's weights are on the compute device
+at a time. Code that reads weights goes through ``LoadedModel.layer`` (runtime/models.py), never
+through the stream.
 
 A streamed model's decoder-layer weights wait in a store (CPU memory, or read lazily from the
 checkpoint's safetensors on disk) and stay dense there: the store is the dense snapshot, so pruning
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from prune.progress import checkpoint
 from prune.roles import RoleMap
@@ -86,6 +89,7 @@ def swapped_forwards(layers: nn.ModuleList, forwards: list[Callable]) -> Iterato
 
 def run_layer(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
     """The layer's hidden-state output, and what else it returned (kept to replay its output)."""
+    checkpoint()  # a cancelled job (or one past its time limit) stops between batches
     out = layer(*args, **kwargs)
     return (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
 
@@ -192,41 +196,87 @@ class LayerStream:
         )
 
 
-def resident_fn(stream: LayerStream | None) -> Callable[[int], object]:
-    """``resident(layer)`` contexts for code that reads a layer's weights on any model."""
-    return stream.resident if stream is not None else (lambda layer: nullcontext())
+def on_device(stream: LayerStream | None, layer: int) -> AbstractContextManager:
+    """A block in which layer ``layer``'s weights are real on the compute device, with the current
+    pruned state applied (a model held in memory: always, so the block does nothing)."""
+    return stream.resident(layer) if stream is not None else nullcontext()
+
+
+Visit = Callable[[int], tuple[list[RemovableHandle], Callable[[], bool]]]
 
 
 @torch.no_grad()
-def layerwise(
+def layer_by_layer(
     model: nn.Module,
     roles: RoleMap,
     ids: torch.Tensor,
     batch_size: int,
-    hidden_device: torch.device | None = None,
-    resident: Callable[[int], object] | None = None,
+    stream: LayerStream | None,
+    visit: Visit | None = None,
+    last_layer: int | None = None,
     on_layer: Callable[[int, int], None] = lambda done, steps: None,
 ) -> tuple[list[Call], list]:
-    """Every batch of ``ids`` through all decoder layers, one layer at a time over all batches;
-    the calls (with the last layer's outputs as hidden states) and what else the last layer
-    returned. Same float operations, per batch, as calling the whole model."""
-    resident = resident or (lambda layer: nullcontext())
+    """THE layer-by-layer loop: every batch of ``ids`` through decoder layer 0, then all through
+    layer 1, and so on (the Wanda and SparseGPT references' procedure; a streamed model's every
+    pass). Same float operations, per batch, as calling the whole model.
+
+    ``visit(i)`` puts hooks on layer i (statistics) and returns them with what to do once the layer
+    has run over every batch and the hooks are gone (prune it); when that returns True the layer
+    runs again, so the next layer gets the pruned layer's outputs. Layers after ``last_layer`` are
+    not visited. Returns the last visited layer's calls, with its outputs as hidden states, and what
+    else it returned per batch."""
     calls = layer_calls(model, roles, ids, batch_size)
     hidden = [hidden_of(call) for call in calls[0]]
-    extras: list = []
     layers = roles.layers(model)
-    for i, layer in enumerate(layers):
-        with resident(i):
-            outs = []
+    last = len(layers) - 1 if last_layer is None else last_layer
+    hidden_device = stream.hidden_device if stream is not None else None
+    extras: list = []
+    for i, layer in enumerate(layers[: last + 1]):
+        with on_device(stream, i):
+            inputs = []
             for call, states in zip(calls[i], hidden, strict=True):
-                checkpoint()
                 device = next((p.device for p in layer.parameters()), states.device)
-                out, extra = run_layer(layer, *with_hidden(call, states.to(device)))
-                outs.append((out.to(hidden_device or out.device), extra))
-        hidden = [out for out, _ in outs]
+                inputs.append(with_hidden(call, states.to(device)))
+            handles, after = visit(i) if visit is not None else ([], lambda: False)
+            try:
+                outs = [run_layer(layer, *call) for call in inputs]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if after():
+                outs = [run_layer(layer, *call) for call in inputs]
+        hidden = [out.to(hidden_device or out.device) for out, _ in outs]
         extras = [extra for _, extra in outs]
-        on_layer(i + 1, len(layers))
-    return [with_hidden(call, states) for call, states in zip(calls[-1], hidden, strict=True)], extras
+        on_layer(i + 1, last + 1)
+    return [with_hidden(call, states) for call, states in zip(calls[last], hidden, strict=True)], extras
+
+
+def window_logits(
+    model: nn.Module,
+    roles: RoleMap,
+    windows: torch.Tensor,
+    batch_size: int,
+    stream: LayerStream | None,
+    on_layer: Callable[[int, int], None],
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``logits_of(k, inputs)`` for the k-th batch of ``windows``: one model call, or, streamed, the
+    head over the k-th batch's last hidden states after one layer-by-layer pass of every batch."""
+    if stream is None:
+        return model_logits(model)
+    device = input_device(model)
+    calls, extras = layer_by_layer(model, roles, windows, batch_size, stream, on_layer=on_layer)
+
+    def logits_of(k: int, inputs: torch.Tensor) -> torch.Tensor:
+        with replayed(model, roles, hidden_of(calls[k]).to(device), extras[k]):
+            return model(inputs.to(device), use_cache=False).logits
+
+    return logits_of
+
+
+def model_logits(model: nn.Module) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``logits_of(k, inputs)`` of a model held in memory: one plain call per batch."""
+    device = input_device(model)
+    return lambda _k, inputs: model(inputs.to(device), use_cache=False).logits
 
 
 def replayed(model: nn.Module, roles: RoleMap, hidden: torch.Tensor, extra):

@@ -1,10 +1,14 @@
 """The references' way of feeding a layer, by other means than the engine: full forward passes of
 the model, one calibration sequence at a time, stopped after the layer, with hooks on its linears.
-The earlier layers are already pruned, so each layer sees the pruned model's activations."""
+The earlier layers are already pruned, so each layer sees the pruned model's activations.
+Also the references' data: C4 calibration windows and the WikiText-2 test text, transcribed."""
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,3 +43,33 @@ def feed_layer(
     finally:
         for h in handles:
             h.remove()
+
+
+# ----- the references' data, transcribed (Wanda lib/data.py, lib/eval.py) --------------------------
+def c4_texts(data_dir: Path) -> list[str]:
+    """The train documents of the offline C4 shard, read here rather than through runtime.data."""
+    path = data_dir / "c4" / "c4_en_train00000_first1000.jsonl"
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wikitext2_test_text(data_dir: Path) -> str:
+    """``"\\n\\n".join(testdata['text'])`` of WikiText-2 raw test, as the reference's eval joins it."""
+    rows = (data_dir / "wikitext-2-raw-v1" / "test.jsonl").read_text().splitlines()
+    return "\n\n".join(json.loads(line)["text"] for line in rows if line.strip())
+
+
+def get_c4(traindata: list[str], nsamples: int, seed: int, seqlen: int, tokenizer) -> torch.Tensor:
+    """Wanda's ``get_c4`` train loader: a random document until one is longer than seqlen, then a
+    random window of it. Returns the stacked inputs (the targets are the inputs, masked)."""
+    random.seed(seed)
+    trainloader = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(traindata) - 1)
+            trainenc = tokenizer(traindata[i], return_tensors="pt")
+            if trainenc.input_ids.shape[1] > seqlen:
+                break
+        i = random.randint(0, trainenc.input_ids.shape[1] - seqlen - 1)
+        j = i + seqlen
+        trainloader.append(trainenc.input_ids[:, i:j])
+    return torch.cat(trainloader)

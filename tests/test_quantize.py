@@ -19,6 +19,7 @@ from tiny import random_ids, save_tiny_chat_model, tiny_model
 from evaluation.lab import Lab
 from evaluation.quantized import markdown, quantization_table
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe, parse_sparsity
+from prune.state import DENSE
 from runtime.models import load
 from runtime.quantize import QuantizationError, quantize_linear, quantized_copy
 
@@ -86,18 +87,34 @@ def test_a_pruned_tiny_llama_keeps_every_zero_and_close_outputs(pruned_tiny, kin
         assert weights / 2 < report.layer_bytes < weights
 
 
+def test_a_quantized_copy_starts_from_the_state_passed_not_the_one_held():
+    lab = Lab(tiny_model("llama"))
+    sparsegpt = Recipe(model="llama", sparsity=parse_sparsity("all=0.5"), method="sparsegpt")
+    alice = lab.prune(sparsegpt, ids=random_ids()).state
+    alice_q = lab.loaded.model.model.layers[0].self_attn.q_proj.weight.detach().clone()  # rewritten
+    bob = lab.prune(Recipe(model="llama", sparsity=parse_sparsity("all=0.25"), method="magnitude"), key="bob")
+
+    copy, report = lab.quantized("int8", alice)
+    mask = alice.masks[(0, "q")]
+    weight = computed_weight(copy.model.layers[0].self_attn.q_proj)
+    assert torch.count_nonzero(weight[mask]) == 0 and report.zeros >= alice.pruned()
+    assert (weight - alice_q).abs().max() < 0.02 * alice_q.abs().max()  # alice's values, not bob's
+    assert lab.state is bob.state  # the lab's own state came back after the copy
+    assert lab.quantized("int8")[0] is not copy  # bob's copy is another one
+
+
 def test_the_lab_keeps_one_dense_and_one_pruned_copy_until_the_next_prune(pruned_tiny):
     lab = pruned_tiny
     pruned, _ = lab.quantized("nf4")
-    dense, dense_report = lab.quantized("nf4", {})
-    assert lab.quantized("nf4")[0] is pruned and lab.quantized("nf4", {})[0] is dense  # cached
+    dense, dense_report = lab.quantized("nf4", DENSE)
+    assert lab.quantized("nf4")[0] is pruned and lab.quantized("nf4", DENSE)[0] is dense  # cached
     assert dense_report.zeros == 0 and lab.masks  # built on the dense weights; the masks came back
     masks = lab.masks
     lab.prune(Recipe(model="llama", sparsity=parse_sparsity("all=0.5"), method="wanda"), ids=random_ids())
     assert lab.quantized("nf4")[0] is not pruned  # a new prune frees the pruned copy
-    assert lab.quantized("nf4", {})[0] is dense
+    assert lab.quantized("nf4", DENSE)[0] is dense
     lab.drop_quantized()
-    assert lab.quantized("nf4", {})[0] is not dense
+    assert lab.quantized("nf4", DENSE)[0] is not dense
     assert torch.equal(lab.masks[(0, "q")], masks[(0, "q")])
 
 
@@ -147,7 +164,8 @@ def test_a_streamed_model_is_copied_layer_by_layer_without_its_hooks(chat_folder
 def test_side_by_side_generation_on_quantized_copies(chat_folder):
     from evaluation.generate import DecodingSettings, generate
     from ui.compare_tab import make_generate
-    from ui.engine import Engine, Session
+    from ui.engine import Engine
+    from ui.sessions import Session
 
     engine, session = Engine(device="cpu"), Session()
     engine.load(chat_folder)
@@ -168,7 +186,7 @@ def test_side_by_side_generation_on_quantized_copies(chat_folder):
     assert "nf4 copies" in note and dense != pruned
     lab, settings = engine.lab, DecodingSettings(max_new_tokens=8)
     tokenizer = lab.loaded.tokenizer
-    assert dense == generate(lab.quantized("nf4", {})[0], tokenizer, "Hello there", settings)
+    assert dense == generate(lab.quantized("nf4", DENSE)[0], tokenizer, "Hello there", settings)
     assert pruned == generate(lab.quantized("nf4")[0], tokenizer, "Hello there", settings)
     with lab.dense() as dense_model:
         assert full_dense == generate(dense_model, tokenizer, "Hello there", settings)
@@ -179,11 +197,11 @@ def test_side_by_side_generation_on_quantized_copies(chat_folder):
 def test_unknown_kind_missing_bitsandbytes_and_no_kernels_are_clear_errors(pruned_tiny, monkeypatch):
     lm = pruned_tiny.loaded
     with pytest.raises(QuantizationError, match="unknown quantization 'int4'; choose one of int8, nf4"):
-        quantized_copy(lm.model, lm.roles, "int4", torch.device("cpu"))
+        quantized_copy(lm, "int4")
     with pytest.raises(QuantizationError, match="unknown quantization 'fp8'"):
         pruned_tiny.quantized("fp8")
     with pytest.raises(QuantizationError, match="cannot run nf4 on meta"):
-        quantized_copy(lm.model, lm.roles, "nf4", torch.device("meta"))
+        quantized_copy(lm, "nf4", torch.device("meta"))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     with pytest.raises(QuantizationError, match=r"pip install bitsandbytes==0\.50\.2"):
         quantize_linear(torch.ones(4, 4), None, "int8", torch.device("cpu"))
