@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = persistent_cache()
     if cache:
         print(f"cache on persistent storage: {cache}", file=sys.stderr)
-    from ui.engine import go_offline_if_no_hub
+    from ui.host import go_offline_if_no_hub
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
     from prune.errors import LabError
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in startup_notes(engine):
         print(f"note: {note}", file=sys.stderr)
-    from ui.engine import EXPORT_ROOT
+    from ui.sessions import EXPORT_ROOT
 
     print(f"exports: {EXPORT_ROOT}", file=sys.stderr, flush=True)
     auth = [tuple(a.split(":", 1)) for a in args.auth or [] if ":" in a] or None

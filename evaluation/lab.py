@@ -7,11 +7,13 @@ that serialises jobs on that model; memoized dense evaluations make comparing re
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,13 +21,14 @@ from torch import nn
 from evaluation.perplexity import PerplexityResult, perplexity
 from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
-from runtime.apply import Masks, snapshot_place
+from prune.state import DENSE, Masks, PrunedState
+from runtime.apply import snapshot_place
 from runtime.memory import Workload, default_batch_size
 from runtime.models import LoadedModel, load, resolve_device
 from runtime.pruner import Pruner, PruneResult
 from runtime.quantize import QuantReport, check_kind, quantized_copy
+from runtime.save import save_model
 from runtime.stats import ActivationStats
-from runtime.stream import resident_fn
 
 LAB_VERSION = "0.1.0"
 
@@ -73,8 +76,7 @@ class Lab:
         self.pruner = Pruner(loaded, batch_size)
         self.lock = threading.RLock()  # one job on the model at a time
         self._dense_ppl: dict[tuple, PerplexityResult] = {}
-        self._state_key: Hashable | None = None  # who the applied masks belong to, if anyone said
-        # "dense" / "pruned" -> (kind, state key, masks, copy, report): quantized copies, one of each
+        # "dense" / "pruned" -> (kind, the state it started from, copy, report): one copy of each
         self._quantized: dict[str, tuple] = {}
 
     @classmethod
@@ -141,6 +143,11 @@ class Lab:
         }
 
     @property
+    def state(self) -> PrunedState:
+        """The pruned state the model is in now (``DENSE`` when it is dense)."""
+        return self.pruner.state
+
+    @property
     def masks(self) -> Masks:
         """The masks applied to the model now ({} when it is dense)."""
         return self.pruner.masks
@@ -172,73 +179,79 @@ class Lab:
         key: Hashable | None = None,
     ) -> PruneResult:
         """Prune the dense model in place as the recipe says; it stays pruned until the next job.
-        ``key`` names the pruned state (a session, say) for later ``using(..., key)`` calls."""
+        ``key`` names the pruned state (``result.state``; a session's, say), so that a later
+        ``using`` of it copies nothing while the model still holds it."""
         self._check_model(recipe)
         with self.lock:
-            self._state_key = None
             self._quantized.pop("pruned", None)
-            result = self.pruner.prune(recipe, progress, ids=ids)
-            self._state_key = key
-            return result
+            return self.pruner.prune(recipe, progress, ids=ids, key=key)
 
     def restore(self) -> None:
         """Back to the dense model, bitwise."""
         with self.lock:
             self.pruner.restore()
-            self._state_key = None
 
     def holds(self, key: Hashable) -> bool:
         """Whether the model is in the state named ``key`` now (so a switch to it copies nothing)."""
-        return key is not None and self._state_key == key
+        return key is not None and self.pruner.state.key == key
+
+    def _is_current(self, state: PrunedState) -> bool:
+        now = self.pruner.state
+        return state is now or self.holds(state.key) or (state.is_dense and now.is_dense)
 
     @contextmanager
-    def using(self, masks: Masks, key: Hashable | None = None) -> Iterator[nn.Module]:
-        """Hold the model in the state ``masks`` describe ({}: dense) for the block.
+    def using(self, state: PrunedState) -> Iterator[nn.Module]:
+        """Hold the model in ``state`` (masks and values; ``DENSE``) for the block. A compact state
+        (values left out) gets them solved again from its recipe, so it is the same weights.
 
-        Without ``key`` the switch is temporary: the previous state comes back after the block.
-        With ``key`` (a session's state) the model stays in that state until a job needs another,
-        and a later switch to the same key copies nothing."""
+        A state without a key is temporary: the previous state comes back after the block. A state
+        with one (a session's) stays until a job needs another, and a later switch to the same key
+        copies nothing."""
         with self.lock:
-            previous, previous_values, previous_key = self.pruner.masks, self.pruner.values, self._state_key
-            same = self.holds(key) or masks is previous or (not masks and not previous)
+            previous = self.pruner.state
+            same = self._is_current(state)
             if not same:
-                self.pruner.apply(masks)
-                self._state_key = key
+                self.pruner.apply(state)
             try:
                 yield self.loaded.model
             finally:
-                if not same and key is None:
-                    self.pruner.apply(previous, previous_values)
-                    self._state_key = previous_key
+                if not same and state.key is None:
+                    self.pruner.apply(previous)
 
     def dense(self):
-        """``with lab.dense() as model:`` runs on the dense weights, then the masks come back."""
-        return self.using({})
+        """``with lab.dense() as model:`` runs on the dense weights, then the state comes back."""
+        return self.using(DENSE)
 
-    def quantized(
-        self, kind: str, masks: Masks | None = None, key: Hashable | None = None
-    ) -> tuple[nn.Module, QuantReport]:
-        """A bitsandbytes ``kind`` copy (``runtime.quantize``) of the model in the state ``masks``
-        describe (None: as it is now; {}: dense), and its report. One dense and one pruned copy are
-        kept (the pruned one until the next prune), so side-by-side generation builds each once."""
+    def quantized(self, kind: str, state: PrunedState | None = None) -> tuple[nn.Module, QuantReport]:
+        """A bitsandbytes ``kind`` copy (``runtime.quantize``) of the model in ``state`` (None: as
+        it is now; ``DENSE``), and its report. One dense and one pruned copy are kept (the pruned
+        one until the next prune), so side-by-side generation builds each once."""
         check_kind(kind)
-        with self.lock, self.using(masks, key) if masks is not None else nullcontext():
-            slot = "pruned" if self.pruner.masks else "dense"
+        with self.lock, self.using(state) if state is not None else nullcontext():
+            now = self.pruner.state
+            slot = "dense" if now.is_dense else "pruned"
             held = self._quantized.get(slot)
-            same = held is not None and held[0] == kind
-            if same and slot == "pruned":
-                same = held[2] is self.pruner.masks or (held[1] is not None and held[1] == self._state_key)
+            same = held is not None and held[0] == kind and (slot == "dense" or self._is_current(held[1]))
             if not same:
                 self._quantized.pop(slot, None)  # freed before the new copy is built
                 lm = self.loaded
-                built = quantized_copy(lm.model, lm.roles, kind, lm.device, resident_fn(lm.stream))
-                self._quantized[slot] = (kind, self._state_key, self.pruner.masks, *built)
-            return self._quantized[slot][3:]
+                built = quantized_copy(lm, kind)
+                self._quantized[slot] = (kind, now, *built)
+            return self._quantized[slot][2:]
 
     def drop_quantized(self) -> None:
         """Free the quantized copies (a later ``quantized`` builds them again)."""
         with self.lock:
             self._quantized.clear()
+
+    def save(
+        self, folder: str | os.PathLike, state: PrunedState | None = None, progress: Progress = silent
+    ) -> Path:
+        """Write the model in ``state`` (None: as it is now) to ``folder`` as full-precision
+        safetensors that ``from_pretrained`` loads, whatever the placement (``runtime.save``; a
+        quantized copy is a separate model: its full-precision original is what is written)."""
+        with self.lock, self.using(state) if state is not None else nullcontext():
+            return save_model(self.loaded, folder, progress)
 
     def calibration_ids(self, calibration: CalibrationSpec) -> torch.Tensor:
         with self.lock:
@@ -263,14 +276,13 @@ class Lab:
         lm = self.loaded
         with self.lock:
             return perplexity(
-                lm.model,
+                lm,
                 lm.tokenizer,
                 dataset,
                 min(seqlen, lm.max_length),
                 windows,
                 progress=progress,
                 which=which,
-                stream=lm.stream,
             )
 
     def dense_perplexity(

@@ -15,6 +15,7 @@ from evaluation.lab import Lab
 from evaluation.perplexity import PerplexityResult, dataset_label, perplexity
 from prune.progress import Progress, silent
 from prune.recipe import Recipe
+from prune.state import DENSE
 from runtime.quantize import check_kind, stored_bytes
 
 FULL = "full precision"
@@ -62,7 +63,7 @@ def quantization_table(
             full[dataset_label(dataset)] = result.perplexity
         rows.append({"model": state, "weights": FULL, "bytes": full_bytes, "perplexity": full})
         for kind in kinds:
-            model, report = lab.quantized(kind, {} if state == "dense" else None)
+            model, report = lab.quantized(kind, DENSE if state == "dense" else None)
             ppl = {
                 dataset_label(dataset): perplexity(
                     model, lm.tokenizer, dataset, seqlen, windows, progress=progress, which=f"{state} {kind}"

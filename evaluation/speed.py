@@ -8,7 +8,7 @@ times prefill and decode against the same pruned weights in dense format, and pu
 parameters back. The sparse kernels pay off at large batch x sequence (prefill); at small decode
 batches they are known to be slower, and the result says what was measured either way.
 
-The caller holds the model in the pruned state for the duration (``with lab.using(masks) as
+The caller holds the model in the pruned state for the duration (``with lab.using(state) as
 model:``, or the app's ``engine.pruned(session)``), so no other job runs on it meanwhile.
 """
 

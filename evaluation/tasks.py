@@ -331,7 +331,7 @@ def evaluate_recipe_tasks(lab, recipe: Recipe, dense: bool = True, progress: Pro
     names = expand_tasks(recipe.evaluation.tasks)
     limit = recipe.evaluation.limit
     start = time.perf_counter()
-    with lab.using(lab.masks) as model:  # the model as it is now, for both evaluations
+    with lab.using(lab.state) as model:  # the model as it is now, for both evaluations
         dense_part = None
         if dense:
             share = 0.0 if _all_cached(lab, names, limit) else 0.5

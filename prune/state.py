@@ -3,7 +3,9 @@
 Masks say which weights are zero; ``values`` hold the weights a method rewrote (SparseGPT), so a
 state is complete whatever method made it. One ``PrunedState`` is what a session keeps, what
 ``Lab.using`` applies, what a save writes, what a ZeroGPU worker receives and what a quantized
-copy starts from.
+copy starts from. A compact state (a session's, kept at one bit per weight) may leave the values
+out: they follow from the recipe, and whoever applies it (``Lab.using``, through the Pruner) solves
+them again, so no caller needs to know which method made a state.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ Values = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> the weights a m
 @dataclass(frozen=True, eq=False)
 class PrunedState:
     """Masks and rewritten values of one pruning run, the recipe that made them, and a key that
-    names the state (two states with one key are the same weights)."""
+    names the state (two states with one key are the same weights). A state with a key is a
+    lasting one (a session's): applied, it stays until a job needs another."""
 
     masks: Masks = field(default_factory=dict)
     values: Values = field(default_factory=dict)
@@ -33,9 +36,15 @@ class PrunedState:
     def is_dense(self) -> bool:
         return not self.masks
 
+    @property
+    def is_compact(self) -> bool:
+        """Values left out that the recipe's method rewrites: applying it solves them again."""
+        changes = self.recipe is not None and self.recipe.method_spec.changes_weights
+        return changes and bool(self.masks) and not self.values
+
     def pruned(self) -> int:
         """Weights this state sets to zero by its masks."""
         return sum(int(mask.sum()) for mask in self.masks.values())
 
 
-DENSE = PrunedState(key="dense")
+DENSE = PrunedState()

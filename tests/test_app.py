@@ -20,9 +20,11 @@ from tiny import random_ids, tiny_model
 
 from prune.recipe import Recipe, RecipeError
 from prune.report import planned_counts
+from prune.state import PrunedState
 from runtime.pruner import Pruner
-from ui.engine import PackedMasks, run_job
+from ui.jobs import run_job
 from ui.recipes import Controls, ModelShape, build_recipe, preset, readout
+from ui.sessions import PackedState
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for a shared 2-core CPU: 4 x 128 calibration tokens, 2 windows of 128 tokens.
@@ -98,10 +100,14 @@ def test_nm_readout_counts_n_of_m():
     assert plan["pruned"] == plan["attention"] == shape.num_layers * shape.layer_counts["q"] // 2
 
 
-def test_packed_masks_round_trip_at_one_bit_per_weight():
+def test_packed_state_round_trip_at_one_bit_per_weight():
     masks = {(0, "q"): torch.rand(8, 13) < 0.5, (1, "down"): torch.rand(5, 64) < 0.3}
-    packed = PackedMasks.pack(masks)
-    assert all(torch.equal(packed.unpack()[k], masks[k]) for k in masks)
+    recipe = Recipe(model="m", method="sparsegpt")
+    packed = PackedState.pack(PrunedState(masks, {(0, "q"): torch.ones(8, 13)}, recipe, ("uid", 1)))
+    unpacked = packed.unpack()
+    assert all(torch.equal(unpacked.masks[k], masks[k]) for k in masks)
+    assert unpacked.values == {} and unpacked.is_compact  # values left out: the Lab solves them again
+    assert unpacked.recipe is recipe and unpacked.key == ("uid", 1)
     assert packed.pruned() == sum(int(m.sum()) for m in masks.values())
     assert packed.nbytes() == 8 * 2 + 5 * 8
 
@@ -125,8 +131,8 @@ def test_run_job_streams_events_and_reraises_in_the_caller():
 
 
 def test_tabs_import_only_the_shared_ui_modules():
-    """Tabs never import each other: what they share lives in ui.common (engine, recipes, plots, hosting)."""
-    shared = {"ui.common", "ui.engine", "ui.recipes", "ui.plots"} | {"ui.hosting"}
+    """Tabs never import each other: what they share lives in ui.common (engine, sessions, recipes, ...)."""
+    shared = {"ui.common", "ui.engine", "ui.sessions", "ui.registry", "ui.recipes", "ui.plots", "ui.hosting"}
     for path in sorted((ROOT / "ui").glob("*_tab.py")):
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
@@ -300,6 +306,17 @@ def test_two_concurrent_sessions_keep_their_own_pruning(server, alice, tmp_path_
     # after both, alice's answers come from alice's masks again
     assert generate(alice) == before
     assert generate(bob)[1] != before[1]
+
+
+@pytest.mark.model
+def test_a_sparsegpt_session_measures_the_same_after_a_wanda_session(server, tmp_path_factory):
+    """Session A keeps its SparseGPT state (masks kept, values solved again) while B prunes."""
+    a, b = client_for(server, tmp_path_factory), client_for(server, tmp_path_factory)
+    first = prune(a, method="sparsegpt")["perplexity"]["wikitext2"]["pruned"]
+    wanda = prune(b, method="wanda")["perplexity"]["wikitext2"]["pruned"]
+    assert wanda != first
+    _, measured = a.predict(api_name="/measure")
+    assert measured["wikitext2"] == first
 
 
 @pytest.mark.model

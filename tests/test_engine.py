@@ -7,8 +7,10 @@ import pytest
 import torch
 from tiny import ARCHS, NO_GATE, random_ids, tiny_model
 
+from prune.errors import LabError
 from prune.recipe import CalibrationSpec, Recipe, RecipeError, parse_sparsity
 from prune.roles import ROLES, UnsupportedArchitecture, role_map
+from prune.state import PrunedState
 from runtime.models import ModelLoadError, load
 from runtime.pruner import Pruner
 
@@ -248,12 +250,12 @@ def test_unknown_model_id_gets_a_clear_error(tmp_path):
 
 
 def test_a_failure_while_applying_masks_leaves_the_dense_weights_bitwise(monkeypatch):
-    import runtime.apply
 
     lm = tiny_model("llama")
     pruner = Pruner(lm)
     dense = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    masks = pruner.prune(recipe("all=0.5", stats_mode="cached"), ids=random_ids()).masks
+    state = pruner.prune(recipe("all=0.5", stats_mode="cached"), ids=random_ids()).state
+    masks = state.masks
     pruner.restore()
     calls = {"n": 0}
     real = torch.Tensor.masked_fill_
@@ -266,7 +268,7 @@ def test_a_failure_while_applying_masks_leaves_the_dense_weights_bitwise(monkeyp
 
     monkeypatch.setattr(torch.Tensor, "masked_fill_", fail_halfway)
     with pytest.raises(torch.OutOfMemoryError):
-        pruner.apply(masks)
+        pruner.apply(state)
     monkeypatch.undo()
     assert calls["n"] > 1 and pruner.masks == {}
     for name, param in lm.model.named_parameters():
@@ -297,18 +299,68 @@ def test_lab_switches_states_temporarily_or_by_key():
     dense_q = q.weight(lm.model).clone()
     alice = lab.prune(
         Recipe(model="llama", sparsity={"all": 0.5}, stats_mode="cached"), ids=random_ids(), key="alice"
-    ).masks
-    assert lab.holds("alice") and not lab.holds("bob")
+    ).state
+    assert lab.holds("alice") and not lab.holds("bob") and alice.key == "alice"
     with lab.dense() as model:  # temporary: the pruned state comes back after the block
         assert torch.equal(q.weight(model), dense_q)
-    assert lab.masks is alice and lab.holds("alice")
-    bob = {key: torch.zeros_like(mask) for key, mask in alice.items()}
-    with lab.using(bob, key="bob"):  # a named state stays after the block
+    assert lab.state is alice and lab.holds("alice")
+    bob = PrunedState({key: torch.zeros_like(mask) for key, mask in alice.masks.items()}, key="bob")
+    with lab.using(bob):  # a named state stays after the block
         assert torch.equal(q.weight(lm.model), dense_q)
-    assert lab.holds("bob") and lab.masks is bob
-    with lab.using({}, key="bob"):  # already held: nothing is copied, whatever masks are passed
-        assert lab.masks is bob
+    assert lab.holds("bob") and lab.state is bob
+    with lab.using(PrunedState(key="bob")):  # already held: nothing is copied, whatever masks are passed
+        assert lab.state is bob
     with pytest.raises(RecipeError, match="lab has 'llama' loaded"):
         lab.prune(Recipe(model="other", sparsity={"all": 0.5}))
     lab.restore()
     assert lab.masks == {} and torch.equal(q.weight(lm.model), dense_q)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_sparsegpt_state_comes_back_bitwise_whole_or_compact_after_another_state(tmp_path):
+    from tiny import save_tiny_chat_model
+
+    from evaluation.lab import Lab
+
+    lm = load(str(save_tiny_chat_model(tmp_path / "chat")), device="cpu")  # a tokenizer: calibration text
+    lab = Lab(lm)
+    dense = _weights(lm.model)
+    calibration = CalibrationSpec(source="generated", nsamples=4, seqlen=32)
+    kwargs = dict(model=lm.name, method="sparsegpt", calibration=calibration)
+    sparsegpt = Recipe(sparsity={"all": 0.5}, **kwargs)
+    alice = lab.prune(sparsegpt, key="alice").state
+    after_alice = _weights(lm.model)
+    # the values matter: the dense weights with alice's masks applied are not her weights
+    q = lm.roles.targets[(0, "q")]
+    name = q.module + ".weight"
+    masked_only = dense[name].masked_fill(alice.masks[(0, "q")].reshape(dense[name].shape), 0)
+    assert not torch.equal(masked_only, after_alice[name])
+
+    wanda = Recipe(model=lm.name, sparsity={"all": 0.3}, method="wanda", calibration=calibration)
+    lab.prune(wanda, key="bob")
+    after_bob = _weights(lm.model)
+    assert not torch.equal(after_bob[name], after_alice[name])
+
+    with lab.using(PrunedState(alice.masks, alice.values, alice.recipe)) as model:  # whole, temporary
+        assert _same(_weights(model), after_alice)
+    assert _same(_weights(lm.model), after_bob) and lab.holds("bob")
+
+    compact = PrunedState({k: m.clone() for k, m in alice.masks.items()}, {}, alice.recipe, "alice")
+    assert compact.is_compact
+    with lab.using(compact) as model:  # the values are solved again from the recipe, bitwise the same
+        assert _same(_weights(model), after_alice)
+    assert lab.holds("alice") and _same(_weights(lm.model), after_alice)  # a named state stays
+
+    lab.prune(wanda, key="bob")
+    wrong = PrunedState({k: ~m for k, m in alice.masks.items()}, {}, alice.recipe, "carol")
+    with pytest.raises(LabError, match="no longer follows from its recipe"):
+        with lab.using(wrong):
+            pass
+    assert lab.state.is_dense and _same(_weights(lm.model), dense)  # the failed switch left it dense

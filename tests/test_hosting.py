@@ -5,6 +5,7 @@ tiny random-weight model in a local folder as the second choice, and drive it li
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -12,12 +13,16 @@ import time
 import pytest
 import torch
 
+from evaluation import studies
 from prune.errors import Cancelled
+from prune.jobs import JobSize, job_size
 from prune.progress import CancelToken, cancellable, checkpoint
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe
 from runtime.cache import LRU, cap_folder
+from runtime.memory import Workload
 from ui.common import scrub, scrub_paths
-from ui.engine import JobQueue
-from ui.hosting import REFUSED_MODEL, Hosting, LimitExceeded, Limits, ModelRefused
+from ui.hosting import REFUSED_MODEL, Hosting, LimitExceeded, Limits, ModelRefused, gpu_seconds
+from ui.job_queue import JobQueue
 
 PATH = re.compile(r"(^|[\s'\"`(])(/|~/)[\w.-]+/")  # an absolute path in a message
 
@@ -44,23 +49,180 @@ def test_public_profile_offers_only_the_hosts_models_with_one_message(tmp_path):
 
 def test_limits_refuse_before_anything_runs_and_describe_themselves():
     limits = Limits.for_device("cpu")
-    with pytest.raises(LimitExceeded, match="at most 16,384"):
-        limits.check_calibration(10**9, 10**7)
-    limits.check_calibration(16, 256)
-    with pytest.raises(LimitExceeded, match="whole test set"):
-        limits.check_evaluation(None, 512)
-    with pytest.raises(LimitExceeded, match="evaluation windows"):
-        limits.check_evaluation(10**6, 512)
-    with pytest.raises(LimitExceeded, match="documents per task"):
-        limits.check_tasks(10**6)
+    small = Recipe(calibration=CalibrationSpec(nsamples=16, seqlen=256), evaluation=EvalSpec(("c4",), 512, 4))
+    limits.check(job_size(small, "run"))
+    cases = {
+        "calibration tokens": dict(calibration=CalibrationSpec(nsamples=10**4, seqlen=10**3)),
+        "whole test set": dict(evaluation=EvalSpec(("c4",), 512, None)),
+        "evaluation windows": dict(evaluation=EvalSpec(("c4",), 512, 10**6)),
+        "tokens per evaluation window": dict(evaluation=EvalSpec(("c4",), 10**5, 4)),
+    }
+    for limit, change in cases.items():
+        with pytest.raises(LimitExceeded, match=limit):
+            limits.check(job_size(dataclasses.replace(small, **change), "run"))
+    tasks = dataclasses.replace(small, evaluation=EvalSpec((), 512, 4, ("boolq",), 10**6))
+    with pytest.raises(
+        LimitExceeded, match="documents per task: 1,000,000 asked, this server allows at most 100"
+    ):
+        limits.check(job_size(tasks, "tasks"))
+    with pytest.raises(LimitExceeded, match="whole task splits"):
+        limits.check(
+            job_size(dataclasses.replace(tasks, evaluation=EvalSpec((), 512, 4, ("boolq",))), "tasks")
+        )
     with pytest.raises(LimitExceeded, match="study points"):
-        limits.check_study(10**4)
+        limits.check(job_size(small, "single", grid=[i / 100 for i in range(100)], roles=["q", "k"]))
     with pytest.raises(LimitExceeded, match="new tokens"):
-        limits.check_new_tokens(10**4)
+        limits.check(job_size(None, "generate", new_tokens=10**4))
     assert "calibration ≤ 16,384 tokens" in limits.describe()
-    Limits.none().check_calibration(10**9, 10**7)  # local: free
+    Limits.none().check(
+        job_size(dataclasses.replace(small, **cases["calibration tokens"]), "run")
+    )  # local: free
     assert Limits.none().describe() == ""
     assert Limits.for_device("cpu").replace(new_tokens=32, queue_size=None).new_tokens == 32
+
+
+def test_magnitude_with_owl_calibrates_so_its_calibration_is_checked():
+    limits = Limits.for_device("cpu")  # at most 16,384 calibration tokens
+    big = CalibrationSpec(nsamples=64, seqlen=512)  # 32,768 tokens
+    magnitude = Recipe(
+        method="magnitude", sparsity={"all": 0.5}, calibration=big, evaluation=EvalSpec(("c4",), 512, 4)
+    )
+    limits.check(job_size(magnitude, "run"))  # magnitude alone reads no calibration: free
+    owl = dataclasses.replace(magnitude, layer_schedule="owl")
+    message = (
+        "calibration tokens (samples x tokens per sample): 32,768 asked, this server allows at most 16,384"
+    )
+    for kind in ("prune", "run"):
+        with pytest.raises(LimitExceeded, match=re.escape(message)):
+            limits.check(job_size(owl, kind))
+    limits.check(
+        job_size(dataclasses.replace(owl, calibration=CalibrationSpec(nsamples=32, seqlen=512)), "run")
+    )
+
+
+# ----- what a job computes: each kind against a count written here -----------------------------------
+WANDA = Recipe(
+    sparsity={"all": 0.5},
+    calibration=CalibrationSpec(nsamples=8, seqlen=128),
+    evaluation=EvalSpec(("wikitext2", "c4"), 256, 4),
+)
+
+
+def test_prune_and_run_sizes():
+    size = job_size(WANDA, "run")
+    # 8 x 128 calibration tokens, one sequential pass; 2 datasets x (dense, pruned) x 4 windows x 256
+    assert (size.calibration_tokens, size.calibration_passes, size.statistics) == (1024, 1, "norms")
+    assert (size.evaluations, size.eval_tokens, size.task_runs, size.saves_model) == (
+        4,
+        4 * 4 * 256,
+        0,
+        False,
+    )
+    assert job_size(WANDA, "run", dense=False).eval_tokens == 2 * 4 * 256
+    prune = job_size(WANDA, "prune")
+    assert (prune.calibration_tokens, prune.eval_tokens, prune.evaluations) == (1024, 0, 0)
+    # the CLI's --quantize int8,nf4 --save: 2 kinds x (dense, pruned) copies, each evaluated on 2 datasets
+    cli = job_size(WANDA, "run", quantize=("int8", "nf4"), save=True)
+    assert (cli.quantized_copies, cli.evaluations, cli.saves_model) == (4, 2 * 2 + 4 * 2, True)
+    assert job_size(dataclasses.replace(WANDA, evaluation=EvalSpec(())), "run").eval_tokens == 0
+    whole = job_size(dataclasses.replace(WANDA, evaluation=EvalSpec(("c4",), 256, None)), "run")
+    assert whole.eval_windows is None and whole.eval_tokens is None  # the whole test set: not counted here
+
+
+@pytest.mark.parametrize(
+    "method, stats_mode, schedule, passes",
+    [
+        ("wanda", "sequential", "uniform", 1),
+        ("wanda", "sequential", "owl", 2),  # OWL's dense pass, then the sequential one
+        ("wanda", "cached", "owl", 1),  # the ratios read the same cached norms
+        ("sparsegpt", "cached", "owl", 2),  # norms for the ratios, Hessians for the method
+        ("magnitude", "sequential", "owl", 1),  # no statistics of its own: only OWL's pass
+        ("magnitude", "sequential", "uniform", 0),
+    ],
+)
+def test_calibration_passes_are_the_pruners(method, stats_mode, schedule, passes, tmp_path, monkeypatch):
+    """The count is the one the pruner really runs (tiny model, a fresh statistics cache)."""
+    from tiny import random_ids, tiny_model
+
+    from runtime.pruner import Pruner
+
+    monkeypatch.setenv("PRUNING_LAB_CACHE", str(tmp_path))
+    recipe = Recipe(
+        model="llama", method=method, sparsity={"all": 0.5}, stats_mode=stats_mode, layer_schedule=schedule
+    )
+    assert job_size(recipe, "prune").calibration_passes == passes
+    assert Pruner(tiny_model("llama")).prune(recipe, ids=random_ids(2, 16)).calibration_passes == passes
+    assert recipe.calibrates == (passes > 0)
+
+
+def test_task_and_generation_sizes():
+    tasks = dataclasses.replace(WANDA, evaluation=EvalSpec((), 256, 4, ("boolq", "rte"), 50))
+    size = job_size(tasks, "tasks")
+    assert (size.tasks, size.task_docs, size.task_runs, size.calibration_tokens) == (
+        ("boolq", "rte"),
+        50,
+        2,
+        0,
+    )
+    assert job_size(tasks, "tasks", dense=False).task_runs == 1
+    assert job_size(tasks, "run").task_runs == 2  # the CLI's run scores the recipe's tasks too
+    generate = job_size(None, "generate", new_tokens=64, quantize=("nf4",))
+    assert (generate.generated_tokens, generate.quantized_copies, generate.calibration_tokens) == (128, 2, 0)
+    export = job_size(WANDA, "export")
+    assert export.saves_model and export.calibration_tokens == 0 and export.eval_tokens == 0
+
+
+def test_study_and_allocation_sizes():
+    # single, 3 rates (one of them 0) x 2 roles: one cached pass, the dense model once, 2 x 2 pruned points
+    single = studies.study_size("m", "single", [0.0, 0.5, 0.9, 0.5], 2, roles=["k", "down"], eval_seqlen=128)
+    assert (single.points, single.calibration_passes, single.stats_mode) == (6, 1, "cached")
+    assert (single.calibration_tokens, single.evaluations, single.eval_tokens) == (32 * 512, 5, 5 * 2 * 128)
+    combined = studies.study_size("m", "combined", [0.2, 0.4], 4, roles=[], eval_seqlen=64)
+    assert (combined.points, combined.evaluations, combined.eval_tokens) == (6, 7, 7 * 4 * 64)
+    downstream = studies.study_size(
+        "m", "downstream", [0.1, 0.2], 2, roles=[], eval_seqlen=64, tasks=["boolq"], limit=20
+    )  # 2 budgets x 3 series, each point's tasks and the dense model's once
+    assert (downstream.points, downstream.task_runs, downstream.task_docs, downstream.evaluations) == (
+        6,
+        7,
+        20,
+        7,
+    )
+    magnitude = studies.study_size("m", "single", [0.5], 2, roles=["q"], method="magnitude")
+    assert magnitude.calibration_tokens == 0 and magnitude.calibration_passes == 0
+    base = Recipe(
+        stats_mode="cached",
+        calibration=CalibrationSpec(nsamples=8, seqlen=64),
+        evaluation=EvalSpec(("c4",), 128, 8),
+    )
+    refine = job_size(
+        base, "allocate", points=4
+    )  # uniform and 3 alphas on held-out text, plus the dense model
+    assert (refine.calibration_tokens, refine.evaluations, refine.eval_tokens) == (512, 5, 5 * 8 * 128)
+    assert job_size(base, "allocate", points=0) == JobSize("allocate")  # the greedy alone: no model work
+
+
+def test_the_memory_plan_reads_the_same_size():
+    owl = dataclasses.replace(WANDA, method="magnitude", layer_schedule="owl", stats_mode="sequential")
+    work = Workload.for_job(job_size(owl, "run"), batch_size=2, sessions=3)
+    assert (work.nsamples, work.seqlen, work.statistics, work.stats_mode) == (8, 128, "norms", "cached")
+    assert (work.eval_windows, work.eval_seqlen, work.batch_size, work.sessions) == (4, 256, 2, 3)
+    assert (
+        Workload.for_job(job_size(dataclasses.replace(owl, layer_schedule="uniform"), "run"), 1).nsamples == 0
+    )
+
+
+def test_gpu_time_reads_the_job_size():
+    limits, params = Limits.for_device("cuda"), 135_000_000
+    big = dataclasses.replace(WANDA, calibration=CalibrationSpec(nsamples=64, seqlen=1024))
+    small = gpu_seconds(job_size(WANDA, "run"), limits, params)
+    one_pass = gpu_seconds(job_size(big, "run"), limits, params)
+    owl = gpu_seconds(job_size(dataclasses.replace(big, layer_schedule="owl"), "run"), limits, params)
+    assert small < one_pass < owl  # OWL's pass over 64k tokens counted (3 x 65,536 at 100k tokens/s)
+    more = dataclasses.replace(WANDA, evaluation=EvalSpec(("wikitext2", "c4"), 256, 64))
+    assert gpu_seconds(job_size(more, "run"), limits, params) > small
+    whole = dataclasses.replace(WANDA, evaluation=EvalSpec(("c4",), 256, None))
+    assert gpu_seconds(job_size(whole, "run"), limits, params) == 120  # not counted here: the most
 
 
 def test_server_paths_are_scrubbed_from_messages_and_results():
@@ -229,6 +391,25 @@ def test_every_refusal_is_a_quick_message_without_paths_while_a_job_runs(public)
         "a second job": lambda: alice.predict(api_name="/prune", **SMALL),
         "too much calibration": lambda: bob.predict(api_name="/prune", **dict(SMALL, nsamples=10**6)),
         "the whole test set": lambda: bob.predict(api_name="/prune", **dict(SMALL, eval_windows=0)),
+        "too many study points": lambda: bob.predict(
+            "single",
+            ",".join(map(str, range(100))),
+            [],
+            1,
+            64,
+            "wikitext2",
+            [],
+            0,
+            calibration="c4",
+            seed=0,
+            nsamples=4,
+            seqlen=128,
+            calibration_file=None,
+            api_name="/study",
+        ),  # fmt: skip
+        "magnitude + OWL calibration": lambda: bob.predict(
+            api_name="/prune", **dict(SMALL, method="magnitude", layer_schedule="owl", nsamples=10**6)
+        ),
         "too many new tokens": lambda: bob.predict(
             prompt="Hi",
             max_new_tokens=512,
@@ -247,6 +428,10 @@ def test_every_refusal_is_a_quick_message_without_paths_while_a_job_runs(public)
         assert not PATH.search(message), f"{what}: {message}"
         if "load_model" in what or "folder" in what or "hub id" in what:
             model_messages.add(message)
+        if what == "too many study points":
+            assert "study points (grid values x series): 700 asked, this server allows at most 40" in message
+        if what == "magnitude + OWL calibration":
+            assert "calibration tokens (samples x tokens per sample): 128,000,000 asked" in message, message
     assert len(model_messages) == 1 and REFUSED_MODEL in model_messages.pop()
     assert job.status().code.name != "FINISHED" or job.result(timeout=1)  # the job ran throughout
     start = time.monotonic()

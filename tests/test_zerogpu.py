@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from prune.errors import RecipeError
-from prune.recipe import EvalSpec, Recipe, parse_sparsity
-from ui.hosting import JobSize, LimitExceeded, Limits, gpu_seconds, zero_gpu
+from prune.jobs import JobSize, job_size
+from prune.recipe import CalibrationSpec, EvalSpec, Recipe, parse_sparsity
+from ui.hosting import LimitExceeded, Limits, gpu_seconds, zero_gpu
 
 
 class Worker:
@@ -65,20 +66,30 @@ class Worker:
 
 
 # ----- GPU time (no model) ---------------------------------------------------------------------------
+def _run_size(nsamples: int, seqlen: int, windows: int, eval_seqlen: int) -> JobSize:
+    """The size of a prune-and-evaluate run (dense and pruned perplexity on WikiText-2)."""
+    recipe = Recipe(
+        calibration=CalibrationSpec(source="c4", nsamples=nsamples, seqlen=seqlen),
+        evaluation=EvalSpec(("wikitext2",), eval_seqlen, windows),
+    )
+    return job_size(recipe, "run")
+
+
 def test_gpu_time_comes_from_the_job_and_is_capped():
     limits = Limits.for_device("cuda")
-    small = gpu_seconds(JobSize(calibration_tokens=4 * 128, eval_tokens=2 * 2 * 128), limits, 135_000_000)
+    small = gpu_seconds(_run_size(4, 128, 2, 128), limits, 135_000_000)
     assert 20 <= small < 40  # mostly a fresh worker's start, doubled for safety
-    bigger = gpu_seconds(JobSize(calibration_tokens=32 * 512, eval_tokens=2 * 16 * 512), limits, 135_000_000)
+    bigger = gpu_seconds(_run_size(32, 512, 16, 512), limits, 135_000_000)
     assert bigger > small
-    slow = gpu_seconds(JobSize(eval_tokens=100_000), limits, 135_000_000, tokens_per_s=5_000)
-    assert slow > gpu_seconds(JobSize(eval_tokens=100_000), limits, 135_000_000)  # measured beats guessed
-    assert gpu_seconds(JobSize(new_tokens=2 * 256), limits, 135_000_000) > small
+    evaluation = JobSize("run", eval_windows=100, eval_seqlen=1000, evaluations=1)
+    slow = gpu_seconds(evaluation, limits, 135_000_000, tokens_per_s=5_000)
+    assert slow > gpu_seconds(evaluation, limits, 135_000_000)  # measured beats guessed
+    assert gpu_seconds(job_size(None, "generate", new_tokens=256), limits, 135_000_000) > small
     assert gpu_seconds(None, limits, 0) == 120  # an unknown size asks for the most
     assert gpu_seconds(None, limits.replace(job_seconds=60), 0) == 60  # the host's job limit too
     with pytest.raises(LimitExceeded, match="at most 120 s"):
-        gpu_seconds(JobSize(calibration_tokens=128 * 2048, eval_tokens=64 * 4096), limits, 7_000_000_000)
-    assert gpu_seconds(JobSize(saves_model=True), limits, 7_000_000_000, cap=300) > 60  # writing 14 GB
+        gpu_seconds(_run_size(128, 2048, 32, 4096), limits, 7_000_000_000)
+    assert gpu_seconds(job_size(None, "export"), limits, 7_000_000_000, cap=300) > 60  # writing 14 GB
 
 
 def test_zero_gpu_needs_the_platform_flag_and_the_package(monkeypatch):
@@ -156,21 +167,21 @@ def zeros_in_worker(engine, session):
 
 @pytest.mark.model
 def test_a_session_prunes_in_the_worker_and_keeps_its_masks_here(lab_on_zerogpu):
-    from ui.engine import Session
+    from ui.sessions import Session
 
     engine, dense = lab_on_zerogpu
     alice, bob = Session(), Session()
-    result = run(engine, alice, prune_work(engine, alice, 0.5), JobSize())[-1][1]
-    assert result.prune.report.pruned > 0 and alice.runs == 1 and alice.masks is not None  # came back
+    result = run(engine, alice, prune_work(engine, alice, 0.5), JobSize("prune"))[-1][1]
+    assert result.prune.report.pruned > 0 and alice.runs == 1 and alice.state is not None  # came back
     assert all(mask.device.type == "cpu" for mask in result.prune.masks.values())
     run(engine, bob, prune_work(engine, bob, 0.25))
     for name, param in engine.lab.loaded.model.named_parameters():  # the app's model stayed dense
         assert torch.equal(param, dense[name]), name
 
-    pruned = alice.masks.pruned()
+    pruned = alice.state.pruned()
     # the worker holds bob's state now: alice's masks are applied again for her job
     assert run(engine, alice, zeros_in_worker(engine, alice))[-1][1] == pruned
-    assert run(engine, bob, zeros_in_worker(engine, bob))[-1][1] == bob.masks.pruned() < pruned
+    assert run(engine, bob, zeros_in_worker(engine, bob))[-1][1] == bob.state.pruned() < pruned
     # a fresh worker starts from the app's state (dense): the masks sent along are applied
     from ui import zerogpu
 
@@ -182,9 +193,54 @@ def test_a_session_prunes_in_the_worker_and_keeps_its_masks_here(lab_on_zerogpu)
         engine.gpu = reused
 
 
+def weights_in_worker(engine, session, recipe=None):
+    """The session's pruned weights as a worker has them (after pruning ``recipe`` first, if given)."""
+
+    def work(emit):
+        if recipe is not None:
+            engine.run(session, recipe, lambda event: emit("progress", event))
+        with engine.pruned(session) as model:
+            return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+
+    return work
+
+
+@pytest.mark.model
+def test_a_sparsegpt_state_reaches_any_worker_whole(lab_on_zerogpu):
+    """The session sends its state compact (masks, recipe); a worker that holds another state, or a
+    fresh one, puts back the very weights SparseGPT rewrote, not the dense ones with masks."""
+    from ui import zerogpu
+    from ui.sessions import Session
+
+    engine, dense = lab_on_zerogpu
+    alice, bob = Session(), Session()
+    recipe = Recipe(
+        model=engine.lab.loaded.name,
+        method="sparsegpt",
+        device="cpu",
+        sparsity=parse_sparsity("all=0.5"),
+        calibration=CalibrationSpec(source="generated", nsamples=4, seqlen=32),
+        evaluation=EvalSpec(datasets=()),
+    )
+    first = run(engine, alice, weights_in_worker(engine, alice, recipe))[-1][1]
+    name = next(iter(first))
+    assert alice.state.pruned() > 0
+    assert not torch.equal(first[name], dense[name].masked_fill(first[name] == 0, 0))  # values changed
+    run(engine, bob, prune_work(engine, bob, 0.25))
+    again = run(engine, alice, weights_in_worker(engine, alice))[-1][1]
+    assert all(torch.equal(again[n], first[n]) for n in first)
+    reused, engine.gpu = engine.gpu, Worker(zerogpu.worker)  # a fresh worker: dense, nothing cached
+    try:
+        fresh = run(engine, alice, weights_in_worker(engine, alice))[-1][1]
+    finally:
+        engine.gpu.stop()
+        engine.gpu = reused
+    assert all(torch.equal(fresh[n], first[n]) for n in first)
+
+
 @pytest.mark.model
 def test_errors_in_the_worker_reach_the_visitor_as_they_are(lab_on_zerogpu):
-    from ui.engine import Session
+    from ui.sessions import Session
 
     engine, _ = lab_on_zerogpu
     session = Session()
@@ -195,5 +251,5 @@ def test_errors_in_the_worker_reach_the_visitor_as_they_are(lab_on_zerogpu):
     with pytest.raises(RecipeError, match="that recipe is wrong"):
         list(engine.heavy(session, bad))
     with pytest.raises(LimitExceeded, match="GPU time"):  # too large: refused before it is queued
-        list(engine.heavy(session, bad, JobSize(eval_tokens=10**12)))
-    assert not engine._running.get(session.uid)
+        list(engine.heavy(session, bad, JobSize("run", eval_windows=10**6, eval_seqlen=10**6, evaluations=1)))
+    assert not engine.sessions._running.get(session.uid)

@@ -21,10 +21,13 @@ from evaluation.generate import (
     stream,
 )
 from evaluation.quantized import FULL
+from prune.jobs import job_size
+from prune.state import DENSE
 from runtime.quantize import QUANT_KINDS
 from ui.common import HEAVY, user_errors
-from ui.engine import Engine, Session
+from ui.engine import Engine
 from ui.recipes import Defaults, recipe_summary
+from ui.sessions import Session
 
 PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # the box refuses more; the token limit is checked too
 EXAMPLES = [
@@ -62,12 +65,14 @@ def make_generate(engine: Engine):
         settings = settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat)
         if len(prompt or "") > PROMPT_CHARS:
             raise GenerationError(f"the prompt has {len(prompt):,} characters; the limit is {PROMPT_CHARS:,}")
-        engine.hosting.limits.check_new_tokens(settings.max_new_tokens)
-        engine.touch(session)
+        quantize = () if weights == FULL else (weights,)
+        size = job_size(None, "generate", new_tokens=settings.max_new_tokens, quantize=quantize)
+        engine.hosting.limits.check(size)
+        engine.sessions.touch(session)
         # empty or too many tokens: a message right away, with the session's own tokenizer
         prompt_ids(engine.tokenizer(session), prompt, settings)
         engine.check_session(session)
-        if session.masks is None:
+        if session.state is None:
             raise gr.Error(
                 "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
             )
@@ -81,7 +86,7 @@ def make_generate(engine: Engine):
                         for text in stream(dense, tokenizer, prompt, settings):
                             emit("dense", text)
                 else:  # bitsandbytes copies of both states, kept by the lab until the next prune
-                    for text in stream(lab.quantized(weights, {})[0], tokenizer, prompt, settings):
+                    for text in stream(lab.quantized(weights, DENSE)[0], tokenizer, prompt, settings):
                         emit("dense", text)
                     pruned = lab.quantized(weights)[0]
                 for text in stream(pruned, tokenizer, prompt, settings):
@@ -91,7 +96,7 @@ def make_generate(engine: Engine):
         if weights != FULL:
             note += f"; both answers from {weights} copies"
         dense, pruned = "", ""
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, size):
             if kind == "dense":
                 dense = payload
             elif kind == "pruned":

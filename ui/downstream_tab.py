@@ -13,11 +13,12 @@ from collections.abc import Iterator
 import gradio as gr
 
 from evaluation.tasks import ALL7, estimate_seconds, evaluate_recipe_tasks
+from prune.jobs import job_size
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, scrub, user_errors
-from ui.engine import Engine, Session
-from ui.hosting import JobSize
+from ui.engine import Engine
 from ui.recipes import Defaults
+from ui.sessions import Session
 
 HEADERS = ["task", "metric", "dense", "pruned", "delta", "n"]
 # Rough forward-pass throughput (tokens/s) before a run has measured it on this machine.
@@ -84,8 +85,7 @@ def make_handlers(engine: Engine):
     ) -> Iterator[list]:
         if not tasks:
             raise gr.Error("Pick at least one task.")
-        engine.hosting.limits.check_tasks(_limit(limit))
-        engine.touch(session)
+        engine.sessions.touch(session)
         engine.check_session(session)
         if session.recipe is None:
             raise gr.Error(
@@ -94,14 +94,15 @@ def make_handlers(engine: Engine):
         recipe = session.recipe
         evaluation = dataclasses.replace(recipe.evaluation, tasks=tuple(tasks), limit=_limit(limit))
         recipe = dataclasses.replace(recipe, evaluation=evaluation)
+        size = job_size(recipe, "tasks", dense=dense)
+        engine.hosting.limits.check(size)
 
         def work(emit):
             with engine.pruned(session):
                 return evaluate_recipe_tasks(engine.lab, recipe, dense, lambda event: emit("progress", event))
 
-        tokens = estimate_seconds(tasks, _limit(limit), 1.0) * (2 if dense else 1)  # at 1 token/s
         yield [gr.skip(), gr.skip(), "Waiting for the model ...", gr.skip()]
-        for kind, payload in engine.heavy(session, work, JobSize(task_tokens=int(tokens))):
+        for kind, payload in engine.heavy(session, work, size):
             if kind == "progress":
                 progress(payload.fraction, desc=payload.message)
         result = payload

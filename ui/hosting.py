@@ -17,7 +17,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evaluation.tasks import estimate_seconds
 from prune.errors import LabError
+from prune.jobs import JobSize
 from runtime.models import OFFLINE_MODELS
 
 # One message for every model a visitor may not have, exists or not, so nobody can probe the disk.
@@ -82,49 +84,24 @@ class Limits:
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    # ----- checks (raise LimitExceeded with the limit in words) -----------------------------------
-    @staticmethod
-    def _over(what: str, asked, limit) -> None:
-        raise LimitExceeded(f"{what}: {asked:,} asked, this server allows at most {limit:,}")
-
-    def check_calibration(self, nsamples: int, seqlen: int) -> None:
-        if self.calibration_tokens is not None and nsamples * seqlen > self.calibration_tokens:
-            self._over("calibration tokens (samples x tokens per sample)", nsamples * seqlen,
-                       self.calibration_tokens)  # fmt: skip
-
-    def check_evaluation(self, windows: int | None, seqlen: int) -> None:
-        if self.eval_windows is not None:
-            if not windows:
-                raise LimitExceeded(
-                    f"the whole test set is not available here: ask for at most {self.eval_windows} windows"
-                )
-            if windows > self.eval_windows:
-                self._over("evaluation windows", windows, self.eval_windows)
-        if self.eval_seqlen is not None and seqlen > self.eval_seqlen:
-            self._over("tokens per evaluation window", seqlen, self.eval_seqlen)
-
-    def check_recipe(self, recipe) -> None:
-        """Calibration and evaluation sizes of a ``Recipe``."""
-        if recipe.needs_statistics:
-            self.check_calibration(recipe.calibration.nsamples, recipe.calibration.seqlen)
-        if recipe.evaluation.datasets:
-            self.check_evaluation(recipe.evaluation.max_windows, recipe.evaluation.seqlen)
-
-    def check_tasks(self, limit: int | None) -> None:
-        if self.task_docs is None:
-            return
-        if not limit:
-            raise LimitExceeded(f"whole task splits are not available here: ask for at most {self.task_docs}")
-        if limit > self.task_docs:
-            self._over("documents per task", limit, self.task_docs)
-
-    def check_study(self, points: int) -> None:
-        if self.study_points is not None and points > self.study_points:
-            self._over("study points (grid values x roles)", points, self.study_points)
-
-    def check_new_tokens(self, tokens: int) -> None:
-        if self.new_tokens is not None and tokens > self.new_tokens:
-            self._over("new tokens", tokens, self.new_tokens)
+    # ----- the check (raises LimitExceeded with the limit in words) -----------------------------
+    def check(self, size: JobSize) -> None:
+        """Refuse a job (``prune.jobs.job_size``) that asks for more than one of these limits allows;
+        the message names the limit. Only what the job will compute is checked: a calibration the
+        recipe does not need is free, one an OWL schedule needs is not."""
+        if size.calibration_passes:
+            limit = self.calibration_tokens
+            _at_most("calibration tokens (samples x tokens per sample)", size.calibration_tokens, limit)
+        if size.evaluations:
+            _whole("the whole test set", size.eval_windows, self.eval_windows, "windows")
+            _at_most("evaluation windows", size.eval_windows, self.eval_windows)
+            _at_most("tokens per evaluation window", size.eval_seqlen, self.eval_seqlen)
+        if size.task_runs:
+            _whole("whole task splits", size.task_docs, self.task_docs, "documents per task")
+            _at_most("documents per task", size.task_docs, self.task_docs)
+        _at_most("study points (grid values x series)", size.points, self.study_points)
+        if size.answers:
+            _at_most("new tokens", size.new_tokens, self.new_tokens)
 
     # ----- what the page shows ------------------------------------------------------------------
     def describe(self) -> str:
@@ -145,22 +122,22 @@ class Limits:
         return "Limits on this server: " + ", ".join(parts) + "." if parts else ""
 
 
+def _at_most(what: str, asked: int | None, limit: int | None) -> None:
+    if limit is not None and asked is not None and asked > limit:
+        raise LimitExceeded(f"{what}: {asked:,} asked, this server allows at most {limit:,}")
+
+
+def _whole(what: str, asked: int | None, limit: int | None, unit: str) -> None:
+    """``asked`` None means "all of it", which a server with a limit refuses."""
+    if limit is not None and asked is None:
+        raise LimitExceeded(f"{what} is not available here: ask for at most {limit:,} {unit}")
+
+
 # ZeroGPU: the most GPU time one call asks for. The platform refuses a call that asks for more than
 # the visitor's tier allows per call or has left for the day; the tiers' numbers are not published
 # as such (docs/hub/spaces-zerogpu.md: 2 min a day unauthenticated, 3.5 min free, 25 min PRO).
 ZERO_GPU_MAX_S = 120.0
 ZERO_GPU_TOKENS_PER_S = 8e13  # / parameters: forward tokens a second on an H200 slice (see gpu_seconds)
-
-
-@dataclass(frozen=True)
-class JobSize:
-    """How much one heavy job asks of the model, for the GPU time it requests on ZeroGPU."""
-
-    calibration_tokens: int = 0  # samples x tokens per sample (one statistics pass)
-    eval_tokens: int = 0  # evaluation windows x tokens per window, every model and point counted
-    task_tokens: int = 0  # lm-eval request tokens (``evaluation.tasks.estimate_seconds`` at 1 token/s)
-    new_tokens: int = 0  # generated tokens, every answer counted
-    saves_model: bool = False  # writes the weights and a zip of them
 
 
 def gpu_seconds(
@@ -174,14 +151,18 @@ def gpu_seconds(
     forward tokens at the measured throughput (else ``ZERO_GPU_TOKENS_PER_S / parameters``, from the
     7B H200 benchmark, 262k calibration tokens in 9.4 s, scaled to a 3/7 slice; at most 100k/s),
     25 ms a new token, twice that for safety. At most ``cap`` and the host's job time limit; an
-    unknown size asks for that much. A larger estimate is refused before anything runs."""
+    unknown size (or a whole test set) asks for that much. Task tokens are
+    ``evaluation.tasks.estimate_seconds`` at 1 token/s; a bitsandbytes copy is taken as a second a
+    GB of weights. A larger estimate is refused before anything runs."""
     most = min(cap, limits.job_seconds or cap)
-    if size is None:
+    if size is None or size.eval_tokens is None:
         return int(most)
     weight_gb = 2 * parameters / 1e9  # bf16
     speed = tokens_per_s or min(1e5, ZERO_GPU_TOKENS_PER_S / max(parameters, 1))
-    forward = 3 * size.calibration_tokens + size.eval_tokens + size.task_tokens
-    work = forward / speed + 0.025 * size.new_tokens + (3 * weight_gb if size.saves_model else 0.0)
+    tasks = estimate_seconds(size.tasks, size.task_docs, 1.0) * size.task_runs if size.task_runs else 0.0
+    forward = 3 * size.calibration_tokens * size.calibration_passes + size.eval_tokens + tasks
+    work = forward / speed + 0.025 * size.generated_tokens + weight_gb * size.quantized_copies
+    work += 3 * weight_gb if size.saves_model else 0.0
     seconds = int(2 * (10 + weight_gb / 2 + work)) + 1
     if seconds > most:
         raise LimitExceeded(

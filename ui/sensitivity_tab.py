@@ -18,15 +18,18 @@ import gradio as gr
 
 from evaluation import plots as study_plots
 from evaluation import studies
-from evaluation.allocate import allocate_from_study
-from evaluation.tasks import ALL7, estimate_seconds
+from evaluation.allocate import SELECT_WINDOWS, allocate_from_study
+from evaluation.tasks import ALL7
+from prune.allocation import candidate_alphas
 from prune.errors import RecipeError
+from prune.jobs import JobSize, job_size
+from prune.recipe import EvalSpec, Recipe
 from prune.roles import ROLES
 from ui import plots
 from ui.common import HEAVY, PROGRESS, LabTab, figure_box, no_api, user_errors
-from ui.engine import Engine, Session
-from ui.hosting import JobSize
+from ui.engine import Engine
 from ui.recipes import Controls, Defaults, calibration_spec
+from ui.sessions import Session
 
 KIND_CHOICES = [
     ("Single: each role alone, the others dense", "single"),
@@ -116,7 +119,7 @@ def make_handlers(engine: Engine):
         calibration_file: str | None = None,
         **calibration_values,
     ) -> Iterator[list]:
-        engine.touch(session)
+        engine.sessions.touch(session)
         calibration = calibration_spec(Controls(calibration_file=calibration_file, **calibration_values))
         present = engine.shape(session).roles
         chosen = [r for r in (roles or present) if r in present]
@@ -131,7 +134,8 @@ def make_handlers(engine: Engine):
             tasks=list(tasks or []) if kind == "downstream" else [],
             limit=(int(limit) or None) if kind == "downstream" and tasks else None,
         )
-        check_study_limits(engine, options)
+        size = studies.study_size(engine.model_for(session), **options)
+        engine.hosting.limits.check(size)
         folder = study_folder(
             session, {**options, "model": engine.model_for(session), "calibration": calibration.key()}
         )
@@ -150,7 +154,7 @@ def make_handlers(engine: Engine):
             )
 
         yield [gr.skip(), gr.skip(), gr.skip(), "Waiting for the model ...", None]
-        for kind_, payload in engine.heavy(session, work, study_size(options)):
+        for kind_, payload in engine.heavy(session, work, size):
             if kind_ == "progress":
                 progress(payload.fraction, desc=payload.message)
             elif kind_ == "point":
@@ -175,7 +179,7 @@ def make_handlers(engine: Engine):
 
     @user_errors
     def allocate_sliders(target: float, refine: bool, session: Session, progress=PROGRESS) -> Iterator[list]:
-        engine.touch(session)
+        engine.sessions.touch(session)
         study = session.studies.get("single")
         if study is None:
             raise gr.Error(
@@ -183,6 +187,8 @@ def make_handlers(engine: Engine):
                 "cheap to prune."
             )
         folder = session.folder("allocate")
+        size = allocate_size(engine.model_for(session), study, refine)
+        engine.hosting.limits.check(size)
 
         def work(emit):
             return allocate_from_study(
@@ -194,7 +200,7 @@ def make_handlers(engine: Engine):
                 log=partial(emit, "log"),
             )
 
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, size):
             if kind == "log":
                 progress(None, desc=payload[:120])
         allocation = payload
@@ -287,32 +293,15 @@ def build(engine: Engine, defaults: Defaults, lab_tab: LabTab) -> None:
     )
 
 
-# ----- hosting: limits checked before anything runs (issue 9) ---------------------------------------
-def study_size(options: dict) -> JobSize | None:
-    """A study's work for its GPU time: one calibration pass, then every point and the dense model
-    evaluated (None: the whole test set, a size only a local run may ask for)."""
-    series = len(options["roles"]) if options["kind"] == "single" else 3
-    points = len(options["grid"]) * max(series, 1) + 1
-    calibration = options["calibration"]
-    tokens = calibration.nsamples * calibration.seqlen
-    if options["tasks"]:
-        per_point = estimate_seconds(options["tasks"], options["limit"], 1.0)  # tokens, at 1 token/s
-        return JobSize(calibration_tokens=tokens, task_tokens=int(points * per_point))
-    if not options["windows"]:
-        return None
-    return JobSize(
-        calibration_tokens=tokens, eval_tokens=points * options["windows"] * options["eval_seqlen"]
+# ----- hosting: the allocator's work, checked before anything runs ----------------------------------
+def allocate_size(model: str, study: studies.StudyResult, refine: bool) -> JobSize:
+    """What ``allocate_from_study`` computes: the greedy alone, or with ``refine`` uniform and each
+    alpha pruned from the study's cached calibration and evaluated on held-out text (its base recipe)."""
+    settings = study.settings
+    base = Recipe(
+        model=model,
+        stats_mode="cached",
+        calibration=settings.calibration,
+        evaluation=EvalSpec((settings.dataset,), settings.eval_seqlen, SELECT_WINDOWS),
     )
-
-
-def check_study_limits(engine: Engine, options: dict) -> None:
-    """Study points (grid x roles, or grid x 3 series), calibration, windows and task documents."""
-    limits = engine.hosting.limits
-    series = len(options["roles"]) if options["kind"] == "single" else 3
-    limits.check_study(len(options["grid"]) * max(series, 1))
-    calibration = options["calibration"]
-    limits.check_calibration(calibration.nsamples, calibration.seqlen)
-    if not options["tasks"]:
-        limits.check_evaluation(options["windows"], options["eval_seqlen"])
-    else:
-        limits.check_tasks(options["limit"])
+    return job_size(base, "allocate", points=len(candidate_alphas()) if refine else 0)

@@ -10,9 +10,10 @@ weights "on CUDA" are placeholders, offloaded at launch. So:
   its code, which the fork already has, and the values it closes over (``Shipper``); the engine is
   sent by reference and resolves to the worker's own copy;
 - the worker's model is in whatever state its last call left, or dense after a fresh fork; the
-  Lab there records which state it holds, in the same process as the weights, so a session's masks
-  are re-applied whenever that state is not its own (``Engine.pruned``);
-- what a job changes in place does not come back by itself: the session's pruning (masks, recipe,
+  Lab there records which state it holds, in the same process as the weights, so a session's
+  ``PrunedState`` (shipped with the session, compact) is applied whenever the worker holds another
+  (``Engine.pruned``; the Lab there solves a SparseGPT state's values again);
+- what a job changes in place does not come back by itself: the session's pruning (its state, recipe,
   run count) and the models the worker loaded are sent back with the result and applied here;
 - each call asks for the GPU time its job needs (``ui.hosting.gpu_seconds``) and stops itself
   (``Cancelled``) when that time is up, before ZeroGPU would abort it.
@@ -40,7 +41,7 @@ from ui.jobs import run_job
 
 # What a job changes in a session (``Engine.run``); the page's own fields (history, studies) are
 # written here, in the app, after the job.
-JOB_FIELDS = ("recipe", "masks", "masks_model", "runs")
+JOB_FIELDS = ("recipe", "state", "masks_model", "runs")
 
 _ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -116,7 +117,7 @@ def worker(blob: bytes, seconds: int) -> Iterator[bytes]:
     """The ``@spaces.GPU`` generator: run the shipped job here, yield its events, then the session's
     new state, the models this worker loaded, and the result (or the error), each shipped."""
     engine, session, work = pickle.loads(blob)
-    known, swaps = set(engine._known), engine.swaps
+    known, swaps = set(engine.known), engine.swaps
     token = CancelToken(seconds=seconds)  # stop cleanly before ZeroGPU's own limit aborts the call
     try:
         with closing(run_job(work, token, join=True)) as events:
@@ -133,7 +134,7 @@ def worker(blob: bytes, seconds: int) -> Iterator[bytes]:
         yield shipped
         return
     facts = {
-        "known": {name: entry for name, entry in engine._known.items() if name not in known},
+        "known": {name: entry for name, entry in engine.known.items() if name not in known},
         "swaps": engine.swaps - swaps,
         "last_load_s": engine.last_load_s,
     }
@@ -176,7 +177,7 @@ def run(
                 fields, facts = payload
                 for name, value in fields.items():
                     setattr(session, name, value)
-                engine._known.update(facts["known"])
+                engine.known.update(facts["known"])
                 engine.swaps += facts["swaps"]
                 engine.last_load_s = facts["last_load_s"]
             elif kind == "done":

@@ -1,0 +1,203 @@
+"""Each browser session's own pruned state and the book of live sessions: who is alive, which
+jobs each one has waiting or running, and expiry after the host's TTL.
+
+A session keeps its ``PrunedState`` compactly (``PackedState``): masks at one bit per weight on the
+CPU, the values of a weight-changing method left out; ``Lab.using`` solves those again from the
+recipe, so no session holds a second copy of rewritten weights.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gradio.utils import get_upload_folder
+
+from prune.errors import LabError
+from prune.progress import CancelToken
+from prune.recipe import Recipe
+from prune.state import PrunedState
+from ui.host import trim_heap
+from ui.hosting import Hosting, LimitExceeded
+
+# Every session's files, below; a fresh folder per server process, removed when it exits. It lies in
+# Gradio's upload folder: a file handed to a visitor from there is served as it is, while one from
+# anywhere else is first copied into it (a second copy of an exported model, hashed on the way).
+_UPLOADS = Path(get_upload_folder())
+_UPLOADS.mkdir(parents=True, exist_ok=True)
+EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="pruning-lab-exports-", dir=_UPLOADS))
+atexit.register(shutil.rmtree, EXPORT_ROOT, True)
+
+
+@dataclass(frozen=True)
+class PackedState:
+    """A ``PrunedState`` at 1 bit per weight on the CPU (bool tensors take 8x more), its values
+    left out: ``unpack`` gives a compact state that ``Lab.using`` completes."""
+
+    bits: dict[tuple[int, str], tuple[np.ndarray, tuple[int, int]]] = field(default_factory=dict)
+    recipe: Recipe | None = None
+    key: Hashable | None = None
+
+    @classmethod
+    def pack(cls, state: PrunedState) -> PackedState:
+        bits = {key: (np.packbits(m.cpu().numpy(), axis=1), tuple(m.shape)) for key, m in state.masks.items()}
+        return cls(bits, state.recipe, state.key)
+
+    def unpack(self) -> PrunedState:
+        masks = {
+            key: torch.from_numpy(np.unpackbits(bits, axis=1, count=shape[1]).astype(bool))
+            for key, (bits, shape) in self.bits.items()
+        }
+        return PrunedState(masks, {}, self.recipe, self.key)
+
+    def pruned(self) -> int:
+        return sum(
+            int(np.unpackbits(bits, axis=1, count=shape[1]).sum()) for bits, shape in self.bits.values()
+        )
+
+    def nbytes(self) -> int:
+        return sum(bits.nbytes for bits, _ in self.bits.values())
+
+
+@dataclass
+class Session:
+    """What one browser tab (or API client) owns: its last recipe, pruned state and run history."""
+
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # unique across app restarts too
+    recipe: Recipe | None = None  # the last recipe as the visitor set it
+    state: PackedState | None = None  # what it pruned to (keyed ``(uid, run)``)
+    model: str | None = None  # the model this session chose (None: the host's default)
+    masks_model: str | None = None  # the model its state belongs to
+    token_ok: bool = True  # whether the host's Hugging Face token may be used for its model
+    runs: int = 0
+    history: list[dict] = field(default_factory=list)
+    last: dict | None = None  # the last run's result summary (what the API returns)
+    studies: dict[str, Any] = field(default_factory=dict)  # study kind -> its last StudyResult
+
+    def __deepcopy__(self, memo: dict) -> Session:
+        """Gradio deep-copies the State's initial value for every new browser session: a new Session."""
+        return Session()
+
+    def folder(self, what: str) -> Path:
+        """Where this session's exports and studies of kind ``what`` go."""
+        return EXPORT_ROOT / f"session-{self.uid}" / what
+
+    def drop_state(self) -> None:
+        self.state = None
+        self.recipe = None
+        self.masks_model = None
+
+
+class StaleSession(LabError):
+    """The session has no pruned state for the model it works on now."""
+
+
+class SessionBook:
+    """The live sessions, the cancel tokens of each one's pending jobs, and expiry: a session idle
+    longer than the host's TTL (and with no job) is expired by a reaper thread."""
+
+    def __init__(self, hosting: Hosting):
+        self.hosting = hosting
+        self._sessions: dict[str, Session] = {}
+        self._seen: dict[str, float] = {}
+        self._running: dict[str, set[CancelToken]] = {}  # session uid -> tokens of its waiting/running jobs
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+
+    def touch(self, session: Session) -> None:
+        """Note that ``session`` is alive (idle sessions expire after the host's TTL)."""
+        with self._lock:
+            self._sessions[session.uid] = session
+            self._seen[session.uid] = time.monotonic()
+        self._start_reaper()
+
+    def admit(self, session: Session) -> CancelToken:
+        """A token for one more heavy job of ``session``; refused at once when it has one pending."""
+        self.touch(session)
+        with self._lock:
+            tokens = self._running.setdefault(session.uid, set())
+            if len(tokens) >= self.hosting.limits.pending_per_session:
+                raise LimitExceeded(
+                    "you already have a job waiting or running: wait for it to finish or press Cancel"
+                )
+            token = CancelToken()
+            tokens.add(token)
+        return token
+
+    def release(self, session: Session, token: CancelToken) -> None:
+        with self._lock:
+            self._running.get(session.uid, set()).discard(token)
+            self._seen[session.uid] = time.monotonic()
+
+    def cancel(self, session: Session, reason: str = "cancelled by you") -> int:
+        """Cancel every waiting or running job of ``session``; returns how many."""
+        with self._lock:
+            tokens = list(self._running.get(session.uid, ()))
+        for token in tokens:
+            token.cancel(reason)
+        return len(tokens)
+
+    def expire(self, session: Session) -> None:
+        """Free what a session holds: its state, studies, files. Called when it has been idle longer
+        than the TTL, when Gradio deletes its state (tab closed) and at unload."""
+        self.cancel(session, "your session expired")
+        session.drop_state()
+        session.studies.clear()
+        shutil.rmtree(EXPORT_ROOT / f"session-{session.uid}", ignore_errors=True)
+        with self._lock:
+            self._sessions.pop(session.uid, None)
+            self._seen.pop(session.uid, None)
+            if not self._running.get(session.uid):
+                self._running.pop(session.uid, None)
+
+    def forget(self, session: Any) -> None:
+        """``gr.State(delete_callback=...)``: Gradio dropped this session's state."""
+        if isinstance(session, Session):
+            self.expire(session)
+
+    def reap(self) -> int:
+        """Expire sessions idle longer than the TTL (and with no job); returns how many."""
+        ttl = self.hosting.session_ttl_s
+        now = time.monotonic()
+        with self._lock:
+            idle = [
+                self._sessions[uid]
+                for uid, seen in self._seen.items()
+                if now - seen > ttl and not self._running.get(uid) and uid in self._sessions
+            ]
+        for session in idle:
+            self.expire(session)
+        if idle:
+            gc.collect()
+            trim_heap()
+        return len(idle)
+
+    def live(self) -> int:
+        return len(self._sessions)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is not None:
+            return
+        period = min(60.0, max(0.5, self.hosting.session_ttl_s / 4))
+
+        def loop() -> None:
+            while True:
+                time.sleep(period)
+                try:
+                    self.reap()
+                except Exception:  # noqa: BLE001 - the reaper must not die
+                    pass
+
+        self._reaper = threading.Thread(target=loop, daemon=True, name="session-reaper")
+        self._reaper.start()
