@@ -204,6 +204,21 @@ class Recipe:
     def needs_statistics(self) -> bool:
         return self.method_spec.needs_statistics
 
+    def schedules_layers(self, num_layers: int | None = None) -> bool:
+        """Whether pruning first writes the layer schedule out, from the dense model's outlier ratios
+        (one calibration pass): any schedule but uniform, unless ``per_layer`` already names each of
+        the model's ``num_layers`` layers (not known: taken as not)."""
+        if self.layer_schedule == "uniform":
+            return False
+        return num_layers is None or any(i not in self.per_layer for i in range(num_layers))
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether pruning reads calibration data: for the method's statistics, or for a layer
+        schedule's outlier ratios (magnitude + OWL calibrates too). The one rule the pruner, the job
+        size (``prune.jobs``) and the hosting limits read."""
+        return self.needs_statistics or self.schedules_layers()
+
     # ----- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain JSON/YAML types."""

@@ -40,6 +40,19 @@ class ModuleRole(str, Enum):
 ROLES: tuple[str, ...] = tuple(r.value for r in ModuleRole)
 ATTENTION_ROLES: tuple[str, ...] = ("q", "k", "v", "o")
 MLP_ROLES: tuple[str, ...] = ("gate", "up", "down")
+# Roles whose linears read the very same input tensor, so one SparseGPT Hessian serves them: q, k and
+# v read the attention's input, gate and up the MLP's (parallel attention + MLP, as in Phi and Falcon,
+# read one tensor too but share nothing here). The collector (runtime.stats) and the memory plan read
+# this; tests/test_memory.py checks it against the tensors each family really passes.
+HESSIAN_GROUP: dict[str, str] = {
+    "q": "qkv",
+    "k": "qkv",
+    "v": "qkv",
+    "o": "o",
+    "gate": "mlp",
+    "up": "mlp",
+    "down": "down",
+}
 
 
 class UnsupportedArchitecture(LabError):
@@ -381,6 +394,17 @@ class RoleMap:
     def experts_in_layer(self, layer: int) -> list[str]:
         """Names of this layer's fused-experts modules (their statistics are per expert)."""
         return list(dict.fromkeys(p.module for p in self._pieces(layer) if p.experts))
+
+    def hessian_owners(self, layer: int) -> dict[str, str]:
+        """Each linear of this layer (its ``stats_key``) -> the linear whose Hessian it shares, by
+        ``HESSIAN_GROUP`` (the first of its group; itself when alone); fused experts have none."""
+        first: dict[str, str] = {}
+        return {
+            piece.stats_key: first.setdefault(HESSIAN_GROUP[role], piece.stats_key)
+            for role in self.roles
+            for piece in self.targets[(layer, role)].pieces()
+            if not piece.experts
+        }
 
     def params_in_layer(self, layer: int) -> list[str]:
         """Full names of the distinct parameters that hold this layer's roles."""

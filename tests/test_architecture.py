@@ -144,3 +144,64 @@ def test_front_ends_catch_one_error_class():
     for module, cls in names:
         obj = getattr(__import__(module, fromlist=[cls]), cls)
         assert issubclass(obj, LabError), f"{module}.{cls} does not derive from LabError"
+
+
+def _functions(tree: ast.AST) -> list[ast.FunctionDef]:
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _names(target: ast.AST) -> set[str]:
+    return {node.id for node in ast.walk(target) if isinstance(node, ast.Name)}
+
+
+def test_one_layer_by_layer_loop():
+    """Only ``runtime.stream.layer_by_layer`` runs decoder layers over windows: it is the one caller
+    of ``run_layer``, and no other loop over the layers calls a layer, its forward or the model."""
+    runners, loops = [], []
+    for name, path in project_files().items():
+        source = path.read_text()
+        for function in _functions(ast.parse(source)):
+            calls = [n for n in ast.walk(function) if isinstance(n, ast.Call)]
+            if any(isinstance(c.func, ast.Name) and c.func.id == "run_layer" for c in calls):
+                runners.append(f"{name}.{function.name}")
+            for loop in (n for n in ast.walk(function) if isinstance(n, ast.For)):
+                if "layers" not in (ast.get_source_segment(source, loop.iter) or ""):
+                    continue
+                called = _names(loop.target) | {"model", "run_layer"}
+                for call in (n for n in ast.walk(loop) if isinstance(n, ast.Call)):
+                    func = call.func
+                    if (isinstance(func, ast.Name) and func.id in called) or (
+                        isinstance(func, ast.Attribute) and func.attr == "forward"
+                    ):
+                        loops.append(f"{name}.{function.name}:{call.lineno}")
+    assert runners == ["runtime.stream.layer_by_layer"]
+    assert [loop for loop in loops if not loop.startswith("runtime.stream.layer_by_layer:")] == []
+    assert loops, "the loop itself was not found: the check would see nothing"
+
+
+PLACEMENT = {"resident", "resident_fn", "stream", "hidden_device"}
+
+
+def test_no_placement_arguments_outside_the_runtime():
+    """Where a model lives is the runtime's business: outside it no signature takes, and no call
+    passes, a placement (``resident``, ``resident_fn``, ``stream=``, a model's ``.stream``); weights
+    are read through ``LoadedModel.layer`` / ``layer_weights`` and the runtime's functions."""
+    offenders = []
+    for name, path in project_files().items():
+        if name.split(".")[0] == "runtime":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                found = [a.arg for a in args if a.arg in PLACEMENT]
+            elif isinstance(node, ast.Call):
+                found = [k.arg for k in node.keywords if k.arg in PLACEMENT]
+                values = [*node.args, *(k.value for k in node.keywords)]
+                found += [v.attr for v in values if isinstance(v, ast.Attribute) and v.attr in PLACEMENT]
+            elif isinstance(node, ast.Name) and node.id in ("resident", "resident_fn"):
+                found = [node.id]
+            elif isinstance(node, ast.Attribute) and node.attr in ("resident", "resident_fn"):
+                found = [node.attr]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {what}" for what in found]
+    assert offenders == []
