@@ -11,12 +11,26 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from cli import flags
 from cli.progress import Bar
+from evaluation.lab import Lab
 from evaluation.quantized import markdown, quantization_table, recipe_key
+from prune.errors import LabError
 from prune.methods import METHODS
-from prune.recipe import LAYER_SCHEDULES, OWL_LAMBDA, OWL_M, EvalSpec, Recipe, RecipeError, parse_sparsity
+from prune.recipe import (
+    LAYER_SCHEDULES,
+    OWL_LAMBDA,
+    OWL_M,
+    STATS_MODES,
+    EvalSpec,
+    Recipe,
+    RecipeError,
+    parse_sparsity,
+)
 from prune.roles import Target
+from prune.state import PrunedState
 from runtime import calibration
 from runtime.models import DEFAULT_MODEL
 from runtime.quantize import QUANT_KINDS, check_backend, check_kind
@@ -55,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stats",
         dest="stats_mode",
-        choices=["sequential", "cached"],
+        choices=STATS_MODES,
         help="sequential: the reference procedure; cached: one dense pass, reused",
     )
     flags.add_calibration_flags(p)
@@ -70,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
         help=f"also evaluate bitsandbytes copies of the dense and pruned model: {' or '.join(QUANT_KINDS)} "
         "(or both, comma-separated); needs bitsandbytes",
     )
-    p.add_argument("--save", help="write the pruned model here (safetensors, save_pretrained)")
+    p.add_argument(
+        "--save", help="write the pruned model to this folder (safetensors that from_pretrained loads)"
+    )
     p.add_argument("--save-recipe", help="write the effective recipe here (.json or .yaml)")
     p.add_argument("--save-calibration", help="write the calibration token ids used (safetensors)")
     p.add_argument("--calibration-ids", help="reuse calibration token ids from such a file")
@@ -150,23 +166,48 @@ def run(argv: list[str]) -> int:
             from evaluation.tasks import evaluate_recipe_tasks
 
             output["tasks"] = evaluate_recipe_tasks(lab, recipe, dense=not args.no_dense, progress=bar)
-        if args.save_calibration:
-            calibration.save_ids(
-                ids if ids is not None else lab.calibration_ids(recipe.calibration), args.save_calibration
-            )
-        if args.save_recipe:
-            recipe.save(args.save_recipe)
-        if args.save:
-            lab.loaded.model.save_pretrained(args.save, safe_serialization=True)
-            lab.loaded.tokenizer.save_pretrained(args.save)
-            output["saved"] = str(Path(args.save).resolve())
-    text = json.dumps(output, indent=2)
-    if args.output:
-        Path(args.output).write_text(text)
-    for line in summary(output):
-        bar.message(line)
-    print(text)
+        text = json.dumps(output, indent=2)
+        print(text, flush=True)  # the result is out before anything else can fail
+        for line in summary(output):
+            bar.message(line)
+        write_files(args, lab, recipe, ids, result.prune.state, text, bar)
     return 0
+
+
+class OutputError(LabError):
+    """A file the command line was asked to write that could not be written."""
+
+
+def write_files(
+    args: argparse.Namespace,
+    lab: Lab,
+    recipe: Recipe,
+    ids: torch.Tensor | None,
+    state: PrunedState,
+    text: str,
+    bar: Bar,
+) -> None:
+    """What the flags ask to be written beside stdout, the pruned model last (the longest; where it
+    went is said on stderr). A failure is one line and exit code 2, the result already printed."""
+    files = [
+        (args.output, "the JSON result", lambda path: Path(path).write_text(text)),
+        (args.save_recipe, "the recipe", recipe.save),
+        (
+            args.save_calibration,
+            "the calibration ids",
+            lambda path: calibration.save_ids(
+                ids if ids is not None else lab.calibration_ids(recipe.calibration), path
+            ),
+        ),
+    ]
+    for path, what, write in files:
+        if path:
+            try:
+                write(path)
+            except OSError as err:
+                raise OutputError(f"cannot write {what} to {path}: {err.strerror or err}") from None
+    if args.save:
+        bar.message(f"saved the pruned model to {lab.save(args.save, state, bar)}")
 
 
 def summary(output: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """The command line end to end on the real SmolLM2, and its answers to bad input."""
 
+import itertools
 import json
 import re
 import subprocess
@@ -82,6 +83,106 @@ def test_prune_evaluate_save_and_reproduce(tmp_path, smollm2):
     )
     again = zeros_of(second)
     assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+# the run of issue 16: layers streamed (600 MB), sequential statistics, saved layer by layer
+STREAMED = [
+    "--model",
+    "smollm2-135m-instruct",
+    "--sparsity",
+    "all=0.5",
+    "--stats",
+    "sequential",
+    "--calibration",
+    "c4",
+    "--nsamples",
+    "4",
+    "--seqlen",
+    "128",
+    "--eval",
+    "wikitext2",
+    "--max-windows",
+    "2",
+    "--eval-seqlen",
+    "256",
+    "--no-dense",
+    "--max-memory",
+    "cpu=600MB",
+]
+
+
+@pytest.fixture(scope="module")
+def in_memory_pruned(smollm2):
+    """The same recipe and calibration as STREAMED, pruned in memory: the weights a save holds."""
+    from evaluation.lab import Lab
+    from prune.recipe import CalibrationSpec, Recipe, parse_sparsity
+
+    lab = Lab(smollm2)
+    calibration = CalibrationSpec(source="c4", nsamples=4, seqlen=128)
+    recipe = Recipe(
+        model="smollm2-135m-instruct",
+        stats_mode="sequential",
+        calibration=calibration,
+        sparsity=parse_sparsity("all=0.5"),
+    )
+    with lab.using(lab.prune(recipe).state) as model:
+        weights = {name: t.clone() for name, t in model.state_dict().items()}
+    lab.restore()
+    return weights
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "nf4"]], ids=["fp32", "nf4"])
+def test_a_streamed_run_saves_what_from_pretrained_loads(quantize, in_memory_pruned, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "out"
+    out = cli(*STREAMED, *quantize, "--save", str(folder))
+    result = json.loads(out.stdout)  # the JSON result, on stdout
+    assert "streamed" in out.stderr.split("\n")[0]  # the memory plan, shown first
+    assert result["perplexity"]["wikitext2"]["pruned"]["windows"] == 2
+    assert ("quantized" in result) == bool(quantize)
+    assert "meta device" not in out.stderr
+    updates = [part.strip() for part in re.split(r"[\r\n]", out.stderr) if part.strip()]
+    assert all(a != b for a, b in itertools.pairwise(updates)), "a progress line printed twice"
+    assert f"saved the pruned model to {folder}" in out.stderr
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    saved = model.state_dict()
+    assert saved.keys() == in_memory_pruned.keys()
+    assert all(torch.equal(saved[k], in_memory_pruned[k]) for k in saved)  # zeros and kept weights
+    zeros = sum(int((t == 0).sum()) for k, t in saved.items() if k.endswith("proj.weight"))
+    assert zeros == result["prune"]["report"]["pruned"]
+
+
+@pytest.mark.model
+def test_a_save_that_cannot_be_written_is_one_line_and_the_result_is_still_printed(tmp_path):
+    from tiny import save_tiny_chat_model
+
+    model = save_tiny_chat_model(tmp_path / "model")
+    (tmp_path / "file").write_text("not a folder")
+    target = tmp_path / "file" / "out"
+    result = cli(
+        "--model",
+        str(model),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--eval",
+        "wikitext2",
+        "--max-windows",
+        "1",
+        "--eval-seqlen",
+        "32",
+        "--quiet",
+        "--save",
+        str(target),
+        check=False,
+    )
+    assert_user_error(result, f"cannot save the model to {target}: {tmp_path / 'file'} is a file")
+    output = json.loads(result.stdout)
+    assert output["perplexity"]["wikitext2"]["pruned"]["windows"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model"]
 
 
 @pytest.mark.model

@@ -115,6 +115,20 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
     return LoadedModel(arch, model, None, role_map(model), torch.device("cpu"), torch.float32, "random")
 
 
+def streamed_tiny(arch: str, folder, store: str) -> tuple[LoadedModel, LoadedModel]:
+    """A tiny random model, and the same saved as safetensors in ``folder``, loaded back with its
+    decoder layers streamed from ``store`` ("cpu" or "disk")."""
+    from runtime.models import _load_streamed
+
+    tiny = tiny_model(arch)
+    tiny.model.save_pretrained(folder, safe_serialization=True)
+    kwargs = dict(revision=None, trust_remote_code=False)
+    cpu = torch.device("cpu")
+    model, stream = _load_streamed(str(folder), torch.float32, cpu, store, "cpu", kwargs, True)
+    model.config.use_cache = False
+    return tiny, LoadedModel(arch, model, None, stream.roles, cpu, torch.float32, "x", stream)
+
+
 def random_ids(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 

@@ -2,7 +2,7 @@
 the pruned model itself as a zip of a ``save_pretrained`` (safetensors) folder.
 
 A session's export folder holds at most one model zip (a new export replaces it). The zip lies in
-Gradio's upload folder (``ui.engine.EXPORT_ROOT``), so Gradio serves it without a copy of its own;
+Gradio's upload folder (``ui.sessions.EXPORT_ROOT``), so Gradio serves it without a copy of its own;
 it is deleted shortly after its download has been sent in full (``DeleteAfterDownload``, for the
 page and for API clients alike), else by Gradio's ``delete_cache`` after the session TTL, or when the
 session expires."""
@@ -20,9 +20,12 @@ from pathlib import Path
 import gradio as gr
 
 from evaluation.lab import versions
+from prune.jobs import job_size
+from prune.progress import Event
 from ui.common import HEAVY, LIGHT, PROGRESS, user_errors
-from ui.engine import EXPORT_ROOT, Engine, Session
-from ui.hosting import JobSize, LimitExceeded, free_disk_mb
+from ui.engine import Engine
+from ui.hosting import LimitExceeded, free_disk_mb
+from ui.sessions import EXPORT_ROOT, Session
 
 
 def _folder(session: Session, what: str) -> Path:
@@ -61,7 +64,7 @@ def make_handlers(engine: Engine):
     @user_errors
     def export_recipe(session: Session) -> list:
         _require_run(session)
-        engine.touch(session)
+        engine.sessions.touch(session)
         folder = _folder(session, "recipe")
         recipe = shareable_recipe(session.recipe)
         (folder / "recipe.json").write_text(recipe.to_json())
@@ -82,10 +85,11 @@ def make_handlers(engine: Engine):
         target = folder / name
 
         def work(emit):
-            with engine.pruned(session) as model:
-                emit("progress", (0.2, "writing safetensors"))
-                model.save_pretrained(target, safe_serialization=True)
-                engine.lab.loaded.tokenizer.save_pretrained(target)
+            def saving(event: Event) -> None:
+                emit("progress", (0.6 * event.fraction, event.message))
+
+            with engine.pruned(session):  # any placement: the Lab writes it layer by layer
+                engine.lab.save(target, progress=saving)
             shareable_recipe(session.recipe).save(target / "recipe.json")
             summary = {"versions": versions(), **(session.last or {})}
             (target / "pruning_result.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -98,7 +102,7 @@ def make_handlers(engine: Engine):
             return archive
 
         yield [None, "Saving the pruned model ..."]
-        for kind, payload in engine.heavy(session, work, JobSize(saves_model=True)):
+        for kind, payload in engine.heavy(session, work, job_size(session.recipe, "export")):
             if kind == "progress":
                 progress(payload[0], desc=payload[1])
         size = payload.stat().st_size / 2**20
