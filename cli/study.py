@@ -23,8 +23,8 @@ from prune.recipe import CalibrationSpec, EvalSpec, Recipe, RecipeError
 EPILOG = """\
 defaults (chosen so the single study of all seven roles on SmolLM2-135M fits in 30 minutes on a CPU
 at ~2 s per 512-token forward pass):
-  calibration: 32 x 512 tokens of C4, ONE dense pass; its statistics are cached and every point reuses
-    them (no calibration pass per point);
+  calibration: 32 x 512 tokens of C4, ONE pass on the dense model; its statistics are cached and
+    every point reuses them (no calibration pass per point);
   evaluation: the first 8 windows x 512 tokens of WikiText-2 test per point (--windows N to change,
     --full or --windows 0 for the full protocol); the allocate comparison defaults to 32 windows;
   single: 7 roles x 13 rates (0..100% by 10%, 95%, 99%) = 91 points: 84 pruned evaluations plus one

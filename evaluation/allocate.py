@@ -12,8 +12,7 @@ Three ways to spend the same number of pruned weights (a fraction ``target`` of 
   comparison reports) pick how far to move from uniform towards that allocation, which corrects
   for interactions between roles that the additive model ignores. ``allocator+owl`` is the
   allocator's per-role sparsities with the same layer schedule (OWL's offsets added per layer, at
-  the same count). ``allocate(..., owl=True)`` instead returns the mean-band variant's offsets as
-  explicit per-layer tables.
+  the same count).
 
 The math (curves, the greedy, OWL, rounding every method to one pruned count) is
 ``prune.allocation``; this module measures what it needs on the model through the Lab (curves,
@@ -44,12 +43,11 @@ from prune.allocation import (
     GreedyPlan,
     curves_from_points,
     greedy_plan,
-    layer_outlier_ratios,
-    with_owl_offsets,
 )
 from prune.progress import Progress, scaled, silent
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
 from runtime.paths import data_dir
+from runtime.stats import layer_outlier_ratios
 
 CURVE_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9]
 SELECT_WINDOWS = 8
@@ -82,8 +80,8 @@ def outlier_ratios(lab: Lab, calibration: CalibrationSpec, m: float = OWL_M) -> 
     statistics of the cached calibration pass, so OWL costs no extra forward pass): what the
     pruner computes for ``layer_schedule="owl"``."""
     stats = lab.statistics(calibration)
-    with lab.dense() as model:
-        return layer_outlier_ratios(model, lab.loaded.roles, stats, m)
+    with lab.dense():
+        return layer_outlier_ratios(lab.loaded, stats, m)  # weights read wherever the model lives
 
 
 def held_out_refine(lab: Lab, dataset: str, seqlen: int, windows: int) -> Refine:
@@ -105,13 +103,11 @@ def allocate(
     refine: Refine | None = None,
     alphas: Sequence[float] = ALPHAS,
     base: Recipe | None = None,
-    owl: bool = False,
-    lam: float = OWL_LAMBDA,
     log: Log = _quiet,
 ) -> Allocation:
     """Per-role sparsities for a global ``target`` (fraction of all role weights), matched to uniform
-    Wanda's pruned count: ``.sparsity`` (role -> fraction), ``.per_layer`` (with ``owl=True``: layer ->
-    role -> fraction, OWL's layer offsets added), ``.recipe(base)`` (a runnable Recipe).
+    Wanda's pruned count: ``.sparsity`` (role -> fraction) and ``.recipe(base)`` (a runnable Recipe;
+    OWL's layer offsets come from its ``layer_schedule``, added by the pruner).
 
     ``curves``: a single study's result, its folder, or cost curves. ``refine(recipe) -> perplexity``
     on held-out text: given, the allocator tries ``uniform + alpha * (greedy - uniform)`` for each
@@ -131,8 +127,6 @@ def allocate(
     best = plan.allocation()
     if refine is not None:
         best = _refine(best, plan, refine, alphas, base, log)
-    if owl:
-        best = with_owl_offsets(best, shape, outlier_ratios(lab, base.calibration), lam)
     return best
 
 

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from prune.methods import method as method_spec  # noqa: E402
+
 ROLE_COLORS = {
     "q": "#1f77b4",
     "k": "#17becf",
@@ -40,10 +42,19 @@ def _dense_line(ax, result) -> None:
         ax.axhline(result.points[0].dense_perplexity, color="#999999", lw=0.8, ls=":", label="dense")
 
 
+def method_name(name: str) -> str:
+    """A method's short name for a title ("SparseGPT", "Magnitude per output row")."""
+    return method_spec(name).label.split(" (")[0]
+
+
 def _title(result, what: str) -> str:
+    """The figure's title, naming the method the study's points were pruned with."""
     s = result.settings
     windows = "full" if s.windows is None else f"{s.windows}x{s.eval_seqlen}"
-    return f"{result.model.get('name', '')}: {what} ({s.dataset} {windows}, Wanda cached stats)"
+    how = method_name(s.method)
+    if method_spec(s.method).needs_statistics:
+        how += ", cached statistics"
+    return f"{result.model.get('name', '')}: {what} ({s.dataset} {windows}, {how})"
 
 
 def _zoom(ax, result, top: float = 3.0) -> None:
@@ -189,6 +200,9 @@ def figure_allocation(rows: list[dict]) -> Figure:
     _layer_panel(axes[2], rows, targets)
     for ax in axes:
         ax.grid(True, alpha=0.25)
+    methods = sorted({method_name(r["recipe"]["method"]) for r in rows if "recipe" in r})
+    if methods:
+        fig.suptitle(f"every row pruned with {' and '.join(methods)}", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -8,9 +8,10 @@ Three studies share one engine:
   weights (the grid is a budget: a fraction of all role weights), scored on zero-shot tasks when
   ``evaluation.tasks`` is available and tasks are asked for, else on perplexity.
 
-Every point uses the cached statistics of ONE dense calibration pass (``stats_mode="cached"``), so a
-study costs one calibration pass plus one evaluation per point. Evaluation uses a fixed number of
-windows (default 8 x 512 tokens of WikiText-2 test; ``windows=None`` is the full protocol).
+Every point uses the cached statistics of ONE calibration pass on the dense model
+(``stats_mode="cached"``), so a study costs one calibration pass plus one evaluation per point.
+Evaluation uses a fixed number of windows (default 8 x 512 tokens of WikiText-2 test;
+``windows=None`` is the full protocol).
 
 A study writes into its folder after every point (``points.json`` with every recipe, ``points.csv``),
 so an interrupted study resumes where it stopped; at the end it draws its plots and ``summary.md``.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from evaluation.lab import Lab, versions
 from prune.errors import LabError, RecipeError
+from prune.jobs import JobSize, job_size
 from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES
@@ -49,7 +51,7 @@ class StudyError(LabError):
 
 
 def default_calibration() -> CalibrationSpec:
-    """32 x 512 C4 tokens: one dense pass of about a minute on a laptop CPU for SmolLM2."""
+    """32 x 512 C4 tokens: one calibration pass of about a minute on a laptop CPU for SmolLM2."""
     return CalibrationSpec(source="c4", nsamples=32, seqlen=512, seed=0)
 
 
@@ -211,10 +213,10 @@ def downstream_specs(budgets: list[float], params: dict[str, int]) -> list[Point
     return specs
 
 
-def recipe_for(lab: Lab, settings: StudySettings, sparsity: dict[str, float]) -> Recipe:
+def recipe_for(model: str, settings: StudySettings, sparsity: dict[str, float]) -> Recipe:
     """Every point: cached statistics of the same calibration set, the same evaluation."""
     return Recipe(
-        model=lab.loaded.name,
+        model=model,
         method=settings.method,
         sparsity=dict(sparsity),
         stats_mode="cached",
@@ -232,7 +234,7 @@ def recipe_for(lab: Lab, settings: StudySettings, sparsity: dict[str, float]) ->
 # ----- measuring one point -------------------------------------------------------------------------
 def measure(lab: Lab, settings: StudySettings, spec: PointSpec, progress: Progress = silent) -> StudyPoint:
     """Prune as the spec says (cached statistics), then evaluate the pruned model."""
-    recipe = recipe_for(lab, settings, spec.sparsity)
+    recipe = recipe_for(lab.loaded.name, settings, spec.sparsity)
     lm = lab.loaded
     share = 0.5 if settings.tasks else 1.0  # of this point's bar: pruning and perplexity
     measured = lab.measure(
@@ -243,7 +245,7 @@ def measure(lab: Lab, settings: StudySettings, spec: PointSpec, progress: Progre
     tasks = None
     if settings.tasks:
         start = time.perf_counter()
-        with lab.using(result.masks):
+        with lab.using(result.state):
             tasks = _tasks(lab, recipe, scaled(progress, share, 1.0))
         eval_s += time.perf_counter() - start
     report = result.report
@@ -425,6 +427,29 @@ def run_study(
     return result
 
 
+def study_size(
+    model: str,
+    kind: str,
+    grid: list[float] | None = None,
+    windows: int | None = DEFAULT_WINDOWS,
+    *,
+    roles: list[str],
+    dataset: str = "wikitext2",
+    eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
+    calibration: CalibrationSpec | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    method: str = "wanda",
+) -> JobSize:
+    """What ``run_study`` with these arguments will compute on ``model`` (``prune.jobs.job_size``;
+    ``roles``: the single study's series), known before anything runs."""
+    calibration = calibration or default_calibration()
+    settings = StudySettings(
+        kind, dataset, windows, eval_seqlen, calibration, list(tasks or []), limit, method
+    )
+    return job_size(recipe_for(model, settings, {}), kind, grid=_check_grid(kind, grid), roles=roles)
+
+
 def _check_roles(roles: list[str] | None, params: dict[str, int]) -> list[str]:
     roles = list(roles or params)
     missing = [r for r in roles if r not in params]
@@ -467,7 +492,7 @@ def summary_markdown(result: StudyResult) -> str:
         + (f"; tasks {', '.join(s.tasks)} (limit {s.limit})" if s.tasks else ""),
         f"- Method: {s.method}; calibration: {cal.nsamples} x {cal.seqlen} tokens of {cal.source} "
         f"(seed {cal.seed}), "
-        "one dense pass, statistics cached for every point",
+        "one calibration pass on the dense model, statistics cached for every point",
         f"- Points: {len(result.points)}; dense perplexity {result.points[0].dense_perplexity:.3f}"
         if result.points
         else "- Points: none yet",
@@ -519,7 +544,11 @@ def _thresholds(result: StudyResult, factor: float = 2.0) -> list[str]:
     lines = [f"Highest rate that keeps perplexity within {factor:g}x dense:", ""]
     for name, rows in result.series().items():
         ok = [p for p in rows if p.perplexity <= factor * p.dense_perplexity]
-        best = max(ok, key=lambda p: p.rate) if ok else None
-        text = f"{best.rate:.0%} ({best.pruned:,} weights, {best.linear_sparsity:.1%} of role weights)"
-        lines.append(f"- {name}: " + (text if best else "none"))
+        if not ok:
+            lines.append(f"- {name}: none of the measured rates")
+            continue
+        best = max(ok, key=lambda p: p.rate)
+        lines.append(
+            f"- {name}: {best.rate:.0%} ({best.pruned:,} weights, {best.linear_sparsity:.1%} of role weights)"
+        )
     return lines + [""]

@@ -10,13 +10,13 @@ that measure curves and ratios on a model and refine on held-out text live in
   exact for that model). ``GreedyPlan.line`` gives the refinement's candidates between uniform and
   the greedy allocation.
 - OWL, Outlier-Weighted Layerwise sparsity (Yin et al., 2023). Per layer, the outlier ratio
-  (``outlier_ratio``, ``layer_outlier_ratios``) is the fraction of its Wanda scores (all roles of the
+  (``outlier_ratio``, ``layer_outlier_ratio``) is the fraction of its Wanda scores (all roles of the
   layer together, dense weights) above M x their mean (M = 5); layers with more outliers are pruned
   less. ``owl_published`` is OWL's own mapping (the ratios min-max scaled to a 2 lambda wide range,
   re-centred on the mean sparsity; lambda = 0.08); ``owl_sparsities`` is the mean-band variant that
   keeps every layer inside [S - lambda, S + lambda]. ``schedule_per_layer`` composes either with
   per-role sparsities at the exact pruned count of the recipe without it (``Recipe.layer_schedule``).
-- ``quantize``: every allocation is rounded to whole weights per row (Wanda prunes ``int(in * s)``
+- ``round_to_count``: every allocation is rounded to whole weights per row (Wanda prunes ``int(in * s)``
   per row) and to the uniform recipe's exact count, so all methods remove the same number of
   weights (to within one row of the smallest matrix).
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,21 +147,11 @@ def outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model, roles, stats, m: float = OWL_M, resident=None) -> list[float]:
-    """Per decoder layer, the outlier ratio of all its roles' Wanda scores together (``model`` dense,
-    ``stats`` its calibration statistics, ``roles`` a ``prune.roles.RoleMap``), as OWL computes it.
-    ``resident(layer)`` brings a streamed model's layer to the device while it is read."""
-    ratios = []
-    for layer in range(roles.num_layers):
-        with resident(layer) if resident is not None else nullcontext():
-            scores = [
-                wanda_scores(piece.weight(model), stats.sq_norms[piece.stats_key]).flatten()
-                for role in roles.roles
-                if (target := roles.targets.get((layer, role))) is not None
-                for piece in target.pieces()
-            ]
-        ratios.append(outlier_ratio(torch.cat(scores), m))
-    return ratios
+def layer_outlier_ratio(matrices: Iterable[tuple[torch.Tensor, torch.Tensor]], m: float = OWL_M) -> float:
+    """One decoder layer's outlier ratio, as OWL computes it: of the Wanda scores of all its role
+    matrices together, each given as (weight, mean squared norm of each input column)."""
+    scores = [wanda_scores(weight, sq_norm).flatten() for weight, sq_norm in matrices]
+    return outlier_ratio(torch.cat(scores), m)
 
 
 def owl_published(ratios: Sequence[float], target: float, lam: float = OWL_LAMBDA) -> list[float]:
@@ -214,7 +203,7 @@ def schedule_per_layer(
     offset ``delta_l = OWL_l - S`` (S: the role-weighted mean sparsity of those layers, OWL_l from
     ``owl_published`` or, for "owl-band", ``owl_sparsities``), added to every role the recipe
     prunes there (a role at 0 stays 0) and clipped to [0, 1]; then every (layer, role) is rounded to
-    whole weights per row and to the recipe's count (``quantize``). ``per_row=False``: a method with
+    whole weights per row and to the recipe's count (``round_to_count``). ``per_row=False``: a method with
     one threshold per matrix, which prunes int(rows x cols x s)."""
     if recipe.layer_schedule == "uniform":
         return {}
@@ -246,12 +235,12 @@ def schedule_per_layer(
         if s > 0
     ]
     table = {layer: dict.fromkeys(row, 0.0) for layer, row in base.items()}
-    for (layer, r), s in quantize(cells, count).items():
+    for (layer, r), s in round_to_count(cells, count).items():
         table[layer][r] = s if int(shapes[(layer, r)][1] * s) > 0 else 0.0
     return table
 
 
-# ----- quantizing to whole weights per row, at one exact count -------------------------------------
+# ----- rounding to whole weights per row, at one exact count --------------------------------------
 @dataclass
 class Cell:
     """A group of identical matrices that share one sparsity (a role in one layer, or in all)."""
@@ -264,7 +253,7 @@ class Cell:
     high: float = 1.0
 
 
-def quantize(cells: list[Cell], count: int) -> dict[tuple, float]:
+def round_to_count(cells: list[Cell], count: int) -> dict[tuple, float]:
     """Sparsities that prune whole numbers of weights per row and ``count`` weights in all (to within
     the smallest cell's rows x copies): scaled to the count, floors first, then largest remainders."""
     exact = sum(c.rows * c.copies * c.cols * c.sparsity for c in cells)
@@ -301,31 +290,17 @@ def per_role_allocation(
 ) -> dict[str, float]:
     """One sparsity per role (the same in every layer), rounded to ``count`` pruned weights."""
     cells = [Cell((r,), *shape[r], layers, min(max(s, 0.0), high), high) for r, s in sparsity.items()]
-    return {key[0]: s for key, s in quantize(cells, count).items()}
-
-
-def per_layer_allocation(
-    table: Mapping[int, Mapping[str, float]], shape: Shape, count: int
-) -> dict[int, dict[str, float]]:
-    """A sparsity per (layer, role), rounded to ``count`` pruned weights."""
-    cells = [
-        Cell((i, r), *shape[r], 1, min(max(s, 0.0), 1.0)) for i, row in table.items() for r, s in row.items()
-    ]
-    out: dict[int, dict[str, float]] = {}
-    for (i, r), s in quantize(cells, count).items():
-        out.setdefault(i, {})[r] = s
-    return out
+    return {key[0]: s for key, s in round_to_count(cells, count).items()}
 
 
 # ----- allocations ---------------------------------------------------------------------------------
 @dataclass
 class Allocation:
-    """What the allocator (or OWL) chose: per-role sparsities and, if used, per-layer tables."""
+    """What the allocator (or OWL) chose: per-role sparsities and a layer schedule."""
 
     method: str
     target: float
     sparsity: dict[str, float]
-    per_layer: dict[int, dict[str, float]] = field(default_factory=dict)
     predicted_cost: float | None = None  # sum of per-role log(ppl/dense) from the curves
     alpha: float | None = None  # the refinement's choice (0: uniform, 1: the greedy allocation)
     trials: list[dict] = field(default_factory=list)  # the refinement's held-out evaluations
@@ -340,7 +315,7 @@ class Allocation:
         return dataclasses.replace(
             base,
             sparsity=dict(self.sparsity),
-            per_layer={k: dict(v) for k, v in self.per_layer.items()},
+            per_layer={},
             layer_schedule=self.schedule,
         )
 
@@ -363,19 +338,25 @@ class GreedyPlan:
     def allocation(self) -> Allocation:
         """The greedy sparsities rounded to uniform's count (alpha 1)."""
         sparsity = per_role_allocation(self.sparsity, self.shape, self.layers, self.count, self.high)
-        return Allocation("allocator", self.target, sparsity, {}, self.predicted_cost, 1.0)
+        return Allocation("allocator", self.target, sparsity, self.predicted_cost, 1.0)
 
     def line(self, alphas: Sequence[float] = ALPHAS) -> list[tuple[float, dict[str, float]]]:
         """The refinement's candidates: ``uniform + alpha * (greedy - uniform)`` for uniform (alpha 0)
         and each alpha, rounded to uniform's count; alphas that push a role outside [0, high] are left
         out."""
         out = []
-        for alpha in sorted({0.0, *alphas}):
+        for alpha in candidate_alphas(alphas):
             mixed = {r: self.target + alpha * (s - self.target) for r, s in self.sparsity.items()}
             if any(s < 0 or s > self.high + 1e-9 for s in mixed.values()):
                 continue
             out.append((alpha, per_role_allocation(mixed, self.shape, self.layers, self.count, self.high)))
         return out
+
+
+def candidate_alphas(alphas: Sequence[float] = ALPHAS) -> list[float]:
+    """The refinement's alphas: uniform (0) and each of ``alphas``, in order (``GreedyPlan.line``
+    leaves out those that push a role outside its bounds)."""
+    return sorted({0.0, *alphas})
 
 
 def greedy_plan(
@@ -395,27 +376,3 @@ def greedy_plan(
     greedy = greedy_allocation(curves, params, target, (bounds[0], high))
     predicted = sum(cost_at(curves[r], s) for r, s in greedy.items())
     return GreedyPlan(target, greedy, shape, layers, high, predicted)
-
-
-def owl_allocation(
-    shape: Shape, target: float, ratios: Sequence[float], lam: float = OWL_LAMBDA
-) -> Allocation:
-    """The mean-band variant's layer sparsities (every role of a layer alike) as explicit per-layer
-    tables, rounded to uniform's count. (``Recipe(layer_schedule="owl")`` is OWL's own mapping.)"""
-    layers = len(ratios)
-    layer_s = owl_sparsities(ratios, target, lam)
-    table = {i: dict.fromkeys(shape, s) for i, s in enumerate(layer_s)}
-    per_layer = per_layer_allocation(table, shape, uniform_count(shape, layers, target))
-    return Allocation("owl", target, {"all": target}, per_layer)
-
-
-def with_owl_offsets(
-    allocation: Allocation, shape: Shape, ratios: Sequence[float], lam: float = OWL_LAMBDA
-) -> Allocation:
-    """The allocator's per-role sparsities plus the mean-band variant's per-layer offsets as explicit
-    per-layer tables, at the same count."""
-    layers = len(ratios)
-    offsets = [s - allocation.target for s in owl_sparsities(ratios, allocation.target, lam)]
-    table = {i: {r: allocation.sparsity[r] + off for r in shape} for i, off in enumerate(offsets)}
-    per_layer = per_layer_allocation(table, shape, uniform_count(shape, layers, allocation.target))
-    return dataclasses.replace(allocation, method="allocator+owl", per_layer=per_layer)

@@ -13,6 +13,7 @@ from tiny import random_ids, tiny_model
 from prune import allocation as pa
 from prune.recipe import Recipe, RecipeError, parse_sparsity
 from runtime.pruner import Pruner
+from runtime.stats import layer_outlier_ratios
 
 RATIOS = [0.010, 0.012, 0.030, 0.008, 0.015, 0.011, 0.009, 0.020]
 
@@ -160,7 +161,7 @@ def test_pruner_owl_ratios_are_the_allocators(private_cache):
     pruner = Pruner(lm)
     ids = random_ids(4, 32)
     stats, _ = pruner.cached_statistics(ids)
-    ratios = pa.layer_outlier_ratios(lm.model, lm.roles, stats, 5.0)
+    ratios = layer_outlier_ratios(lm, stats, 5.0)
     assert len(ratios) == 3 and all(0.0 <= r < 0.2 for r in ratios)
     recipe = Recipe(
         model="llama", sparsity=parse_sparsity("all=0.5"), stats_mode="cached", layer_schedule="owl"
