@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = persistent_cache()
     if cache:
         print(f"cache on persistent storage: {cache}", file=sys.stderr)
-    from ui.host import go_offline_if_no_hub
+    from runtime.hub import go_offline_if_no_hub
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
     from prune.errors import LabError

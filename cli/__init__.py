@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 
-from cli import run, study
 from prune.errors import as_lab_error
+from runtime.hub import go_offline_if_no_hub
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a command; a LabError ends in one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    go_offline_if_no_hub()  # before the hub libraries are imported, so a hub id fails in seconds
+    from cli import run, study
+
     commands = {"info": run.info, "study": study.study, "run": run.run}
     try:
         if argv and argv[0] in commands:

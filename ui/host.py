@@ -1,30 +1,8 @@
-"""What the server process itself needs from its host: whether the hub answers, and freed heap
-handed back to the OS."""
+"""What the server process itself needs from its host: freed heap handed back to the OS."""
 
 from __future__ import annotations
 
 import ctypes
-import os
-import socket
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers; offline, hub ids then fail in seconds instead of minutes."""
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def go_offline_if_no_hub() -> bool:
-    """Set HF_HUB_OFFLINE when the hub is unreachable (before transformers reads it). True if offline."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return True
-    if hub_reachable():
-        return False
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return True
 
 
 def trim_heap() -> None:
