@@ -249,3 +249,36 @@ def test_recipe_tasks_evaluate_dense_once(smollm2_lab, tmp_path, monkeypatch):
         assert dense_now["tasks"]["rte"] == first["dense"]["tasks"]["rte"]
     finally:
         lab.restore()
+
+
+@pytest.mark.model
+def test_lab_accuracy_on_a_pruned_model_equals_stock_lm_eval_on_its_saved_folder(
+    smollm2_lab, data_dir, tmp_path
+):
+    """The lab wraps the pruned model in memory; stock ``simple_evaluate(model="hf")`` loads the
+    saved folder itself with ``from_pretrained``. Same documents (the offline task folder), same
+    batch size: every accuracy must be equal."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lab, names, limit = smollm2_lab, ["rte", "arc_easy"], 8
+    lab.prune(Recipe(method="magnitude", sparsity=parse_sparsity("all=0.5")))
+    folder = lab.save(tmp_path / "pruned")
+    ours = tasks.evaluate_tasks(lab.loaded.model, lab.loaded.tokenizer, names, limit=limit, batch_size=8)
+    manager = TaskManager(
+        include_path=str(tasks.TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)}
+    )
+    stock = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},dtype=float32,device=cpu",
+        tasks=names,
+        task_manager=manager,
+        num_fewshot=0,
+        limit=limit,
+        batch_size=8,
+    )
+    for name in names:
+        scores = stock["results"][name]
+        assert stock["n-samples"][name]["effective"] == ours["tasks"][name]["n"] == limit
+        assert ours["tasks"][name]["acc"] == scores["acc,none"], name
+        assert ours["tasks"][name]["acc_norm"] == scores.get("acc_norm,none"), name
