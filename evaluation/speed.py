@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
+from prune.progress import checkpoint
 from prune.roles import RoleMap
 
 MIN_CAPABILITY = (8, 0)
@@ -134,15 +135,22 @@ def sparse_bytes(tensor: torch.Tensor) -> int:
 
 
 # ----- timing ---------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (on the CPU it is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
     fn()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize(device)
+        checkpoint()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device)
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -164,7 +172,7 @@ def decode_seconds(
     def run() -> None:
         out = model(ids, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize(device)
+        _sync(device)
         timer[0] = time.perf_counter()
         for _ in range(steps):
             out = model(token, past_key_values=past, use_cache=True)
@@ -174,8 +182,9 @@ def decode_seconds(
     times = []
     run()  # warm-up
     for _ in range(repeats):
+        checkpoint()
         run()
-        torch.cuda.synchronize(device)
+        _sync(device)
         times.append(time.perf_counter() - timer[0])
     return statistics.median(times)
 
@@ -311,3 +320,101 @@ def measure_24(
         error,
         pairs,
     )
+
+
+# ----- dense vs pruned, as the pruned state really stores it ----------------------------------------
+DENSE_NOTE = (
+    "{structure}: the pruned matrices stay dense (their zeros are stored and multiplied), so no "
+    "speedup is expected; only structured pruning (channels, depth) makes them smaller"
+)
+
+
+@dataclass
+class ModelSpeed:
+    """One model's prefill and decode tokens/s (medians) and its size."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    parameters: int
+    weight_bytes: int
+
+
+@dataclass
+class SideBySide:
+    """The dense and the pruned model timed in one run: same threads, prompt, new tokens, repeats."""
+
+    device: str
+    threads: int
+    prompt: int  # prefill prompt tokens (batch 1)
+    new_tokens: int  # greedy decode steps (batch 1) after a prompt of ``prompt`` tokens
+    repeats: int
+    dense: ModelSpeed
+    pruned: ModelSpeed
+    note: str
+
+    def ratios(self) -> dict[str, float]:
+        """Pruned over dense: tokens/s (above 1: faster) and size (below 1: smaller)."""
+        d, p = self.dense, self.pruned
+        return {
+            "prefill": p.prefill_tokens_per_s / d.prefill_tokens_per_s,
+            "decode": p.decode_tokens_per_s / d.decode_tokens_per_s,
+            "parameters": p.parameters / d.parameters,
+            "weight_bytes": p.weight_bytes / d.weight_bytes,
+        }
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratios": {k: round(v, 4) for k, v in self.ratios().items()}}
+
+    def lines(self) -> list[str]:
+        r = self.ratios()
+        d, p = self.dense, self.pruned
+        return [
+            f"speed on {self.device} ({self.threads} threads), dense and pruned alternating, median of "
+            f"{self.repeats} rounds, warm-up excluded:",
+            f"prefill {self.prompt} tokens: dense {d.prefill_tokens_per_s:,.0f} tok/s, pruned "
+            f"{p.prefill_tokens_per_s:,.0f} tok/s ({r['prefill']:.2f}x)",
+            f"decode {self.new_tokens} tokens: dense {d.decode_tokens_per_s:,.1f} tok/s, pruned "
+            f"{p.decode_tokens_per_s:,.1f} tok/s ({r['decode']:.2f}x)",
+            f"parameters: dense {d.parameters:,}, pruned {p.parameters:,} ({r['parameters']:.2f}x); weights "
+            f"{d.weight_bytes / 2**20:,.1f} -> {p.weight_bytes / 2**20:,.1f} MiB",
+            self.note,
+        ]
+
+
+def _size(model: nn.Module) -> tuple[int, int]:
+    """Parameters and the bytes they take."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def side_by_side(lab, state, prompt: int = 256, new_tokens: int = 32, repeats: int = 3) -> SideBySide:
+    """Prefill and decode tokens/s of the dense model and of ``state`` (a ``PrunedState``) through
+    ``lab`` (an ``evaluation.lab.Lab``), in one run. The two alternate round by round (each round
+    one warm-up and one timed call of each), so a load change on a shared machine hits both alike;
+    medians over ``repeats`` rounds. Token ids are random (speed does not depend on them), the
+    same for both."""
+    recipe = state.recipe
+    structured = recipe is not None and recipe.structured
+    note = (
+        f"{recipe.structure}: the matrices are smaller, so the pruned model does less work"
+        if structured
+        else DENSE_NOTE.format(structure=recipe.structure if recipe is not None else "dense")
+    )
+    seconds: dict[str, tuple[list[float], list[float]]] = {"dense": ([], []), "pruned": ([], [])}
+    sizes = {}
+    for _ in range(repeats):
+        for name, which in (("dense", None), ("pruned", state)):
+            with lab.dense() if which is None else lab.using(which) as model:
+                device = next(model.parameters()).device
+                torch.manual_seed(0)
+                seconds[name][0].append(prefill_seconds(model, 1, prompt, device, 1))
+                seconds[name][1].append(decode_seconds(model, 1, prompt, new_tokens, device, 1))
+                sizes[name] = _size(model)
+    speeds = {
+        name: ModelSpeed(
+            prompt / statistics.median(prefill), new_tokens / statistics.median(decode), *sizes[name]
+        )
+        for name, (prefill, decode) in seconds.items()
+    }
+    device = str(lab.loaded.device)
+    return SideBySide(device, torch.get_num_threads(), prompt, new_tokens, repeats, **speeds, note=note)

@@ -105,3 +105,27 @@ def planned_counts(recipe: Recipe, layer_counts: Mapping[str, int], num_layers: 
         "attention_params": params(ATTENTION_ROLES),
         "mlp_params": params(MLP_ROLES),
     }
+
+
+def removed_report(
+    dense: list[dict[str, int]], kept: dict[int, dict[str, int]], total_params: int, requested
+) -> SparsityReport:
+    """A structured run's report: per (layer, role) the weights its shrunk matrices no longer hold.
+    ``dense``: each dense layer's weights per role; ``kept``: dense layer number -> weights per role
+    after shrinking (a removed layer is absent); ``requested(role)``: the recipe's unit rate."""
+    roles = list(dense[0])
+    table = {role: RoleReport(0, 0, requested(role)) for role in roles}
+    per_layer, pruned_per_layer = [], []
+    for layer, counts in enumerate(dense):
+        left = kept.get(layer, dict.fromkeys(roles, 0))
+        row = {}
+        for role in roles:
+            pruned = counts[role] - left[role]
+            table[role].params += counts[role]
+            table[role].pruned += pruned
+            row[role] = pruned / counts[role] if counts[role] else 0.0
+        per_layer.append(row)
+        pruned_per_layer.append(sum(counts[r] - left[r] for r in roles))
+    linear = sum(r.params for r in table.values())
+    pruned = sum(r.pruned for r in table.values())
+    return SparsityReport(table, per_layer, linear, total_params, pruned, pruned_per_layer)

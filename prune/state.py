@@ -1,7 +1,8 @@
 """The pruned state: what a pruned model is, apart from the dense model it came from.
 
 Masks say which weights are zero; ``values`` hold the weights a method rewrote (SparseGPT), so a
-state is complete whatever method made it. One ``PrunedState`` is what a session keeps, what
+state is complete whatever method made it. A structured state has no masks: its ``structure``
+names the heads, channels and layers it keeps. One ``PrunedState`` is what a session keeps, what
 ``Lab.using`` applies, what a save writes, what a ZeroGPU worker receives and what a quantized
 copy starts from. A compact state (a session's, kept at one bit per weight) may leave the values
 out: they follow from the recipe, and whoever applies it (``Lab.using``, through the Pruner) solves
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prune.recipe import Recipe
+from prune.structured import Structure
 
 Masks = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> bool (rows, in), True = pruned
 Values = dict[tuple[int, str], torch.Tensor]  # (layer, role) -> the weights a method rewrote (SparseGPT)
@@ -31,10 +33,11 @@ class PrunedState:
     values: Values = field(default_factory=dict)
     recipe: Recipe | None = None
     key: Hashable | None = None
+    structure: Structure | None = None  # structured pruning: the units kept (the matrices shrink)
 
     @property
     def is_dense(self) -> bool:
-        return not self.masks
+        return not self.masks and self.structure is None
 
     @property
     def is_compact(self) -> bool:

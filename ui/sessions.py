@@ -28,6 +28,7 @@ from prune.errors import LabError
 from prune.progress import CancelToken
 from prune.recipe import Recipe
 from prune.state import PrunedState
+from prune.structured import Structure
 from ui.host import trim_heap
 from ui.hosting import Hosting, LimitExceeded
 
@@ -48,18 +49,19 @@ class PackedState:
     bits: dict[tuple[int, str], tuple[np.ndarray, tuple[int, int]]] = field(default_factory=dict)
     recipe: Recipe | None = None
     key: Hashable | None = None
+    structure: Structure | None = None  # structured pruning: the kept units (a few index lists)
 
     @classmethod
     def pack(cls, state: PrunedState) -> PackedState:
         bits = {key: (np.packbits(m.cpu().numpy(), axis=1), tuple(m.shape)) for key, m in state.masks.items()}
-        return cls(bits, state.recipe, state.key)
+        return cls(bits, state.recipe, state.key, state.structure)
 
     def unpack(self) -> PrunedState:
         masks = {
             key: torch.from_numpy(np.unpackbits(bits, axis=1, count=shape[1]).astype(bool))
             for key, (bits, shape) in self.bits.items()
         }
-        return PrunedState(masks, {}, self.recipe, self.key)
+        return PrunedState(masks, {}, self.recipe, self.key, self.structure)
 
     def pruned(self) -> int:
         return sum(
