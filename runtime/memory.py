@@ -63,7 +63,7 @@ RESIDENT_LAYERS = {"cuda": 2, "cpu": 1}  # streamed: the layer running (and, on 
 WIKITEXT2_TOKENS = 350_000  # WikiText-2's test split tokenized (Llama's vocabulary: ~340k tokens)
 C4_WINDOWS = 256  # the C4 protocol: 256 windows of seqlen tokens
 STREAMING = ("auto", "on", "off")
-STATISTICS = ("norms", "hessian", "none")
+STATISTICS = ("norms", "moments", "hessian", "none")
 SPREAD_WEIGHTS = "weights spread over the GPUs"  # a multi-gpu plan's per-GPU weight rows start so
 UNITS = {
     "": 1,
@@ -322,7 +322,7 @@ class Workload:
     eval_seqlen: int = 2048
     eval_batch: int = 1
     sessions: int = 1  # app sessions, each keeping its masks
-    statistics: str = "norms"  # norms (Wanda) | hessian (SparseGPT) | none (magnitude)
+    statistics: str = "norms"  # norms (Wanda) | moments (DSnoT) | hessian (SparseGPT) | none (magnitude)
     stats_mode: str = "sequential"  # sequential | cached
 
     def __post_init__(self) -> None:
@@ -614,12 +614,14 @@ def _working(size: ModelSize, work: Workload, calibration_states: int) -> tuple[
 
 
 def _statistics(size: ModelSize, work: Workload, every_layer: bool) -> int:
-    """fp32 norms, or Hessians with their inverse factors, of every layer or of the largest one
-    (with one Hessian's worth of temporaries while it accumulates)."""
+    """fp32 norms (DSnoT's moments: norms, sums and variances), or Hessians with their inverse
+    factors, of every layer or of the largest one (with one Hessian's worth of temporaries while it
+    accumulates)."""
     if work.statistics == "none" or not work.nsamples:
         return 0
-    if work.statistics == "norms":
-        per_layer = [4 * columns for columns in size.norm_columns]
+    if work.statistics in ("norms", "moments"):
+        vectors = 3 if work.statistics == "moments" else 1
+        per_layer = [vectors * 4 * columns for columns in size.norm_columns]
         return sum(per_layer) if every_layer else max(per_layer)
     per_layer = [2 * 4 * sum(w * w for w in widths) for widths in size.hessian_widths]
     widest = max(w for widths in size.hessian_widths for w in widths)
@@ -627,7 +629,8 @@ def _statistics(size: ModelSize, work: Workload, every_layer: bool) -> int:
 
 
 def _statistics_label(work: Workload) -> str:
-    return "Wanda's norms" if work.statistics == "norms" else "SparseGPT's Hessians and inverses"
+    labels = {"norms": "Wanda's norms", "moments": "DSnoT's input moments"}
+    return labels.get(work.statistics, "SparseGPT's Hessians and inverses")
 
 
 def _masks(size: ModelSize, work: Workload) -> Row:

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from prune.allocation import layer_outlier_ratio
-from prune.progress import Event, Progress, silent
+from prune.progress import Event, Progress, checkpoint, silent
 from prune.recipe import OWL_M
 from prune.roles import RoleMap
 from prune.sparsegpt import inverse_hessian
 from runtime.models import LoadedModel
 from runtime.stream import _Stop, input_device, layer_by_layer
 
-KINDS = ("norms", "hessian")
+KINDS = ("norms", "hessian", "moments")  # moments: norms, column sums and variances (DSnoT)
 
 
 class RunningMean:
@@ -60,6 +60,31 @@ class RunningNorm(RunningMean):
         self.sq_norm += torch.norm(x, p=2, dim=1) ** 2 / self.nsamples
 
 
+class RunningMoments(RunningNorm):
+    """DSnoT's ``WrappedGPT.add_batch``: Wanda's norms, the mean over sequences of each input
+    column's sum over the sequence's tokens (``sums``), and the column's variance over the tokens
+    of each sequence, averaged token-weighted over sequences (``var``, as the reference pools it)."""
+
+    def __init__(self, columns: int, device: torch.device):
+        super().__init__(columns, device)
+        self.sums = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.var = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.ntokens = 0
+
+    def scale(self, factor: float) -> None:
+        super().scale(factor)
+        self.sums *= factor
+
+    def accumulate(self, x: torch.Tensor) -> None:
+        super().accumulate(x)
+        self.sums += torch.sum(x, dim=1) / self.nsamples
+        var, tokens = torch.var(x, dim=1, unbiased=False), x.shape[1]
+        self.var = (
+            var if self.ntokens == 0 else (self.var * self.ntokens + var * tokens) / (self.ntokens + tokens)
+        )
+        self.ntokens += tokens
+
+
 class RunningHessian(RunningMean):
     """SparseGPT's ``add_batch``: ``H = 2/n sum x x^T`` over the sequences seen so far."""
 
@@ -86,6 +111,13 @@ class ActivationStats:
     _inverses: dict = field(default_factory=dict, repr=False, compare=False)
     # fused-experts module -> calibration tokens routed to each expert (MoE; see ExpertNorms)
     expert_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    # kind "moments" (DSnoT): module -> per-column sums and variances (see RunningMoments)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    variances: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def moments(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sums, variances) of a module's input, when these statistics have them."""
+        return (self.sums[module], self.variances[module]) if module in self.sums else None
 
     def unreached_experts(self, modules: list[str] | None = None) -> dict[str, list[int]]:
         """Experts no calibration token reached, per fused-experts module (scored by magnitude)."""
@@ -105,6 +137,8 @@ class ActivationStats:
 
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.sq_norms.items()}
         tensors.update({f"tokens:{name}": t.detach().cpu() for name, t in self.expert_tokens.items()})
+        for prefix, table in (("sum", self.sums), ("var", self.variances)):
+            tensors.update({f"{prefix}:{name}": t.detach().cpu().contiguous() for name, t in table.items()})
         save_file(tensors, str(path), metadata={**metadata, "nsamples": str(self.nsamples)})
 
     @classmethod
@@ -114,8 +148,15 @@ class ActivationStats:
         with safe_open(str(path), framework="pt") as f:
             nsamples = int(f.metadata()["nsamples"])
             norms = {name: f.get_tensor(name).to(device) for name in f.keys() if ":" not in name}
-            tokens = {n.split(":", 1)[1]: f.get_tensor(n) for n in f.keys() if n.startswith("tokens:")}
-        return cls(norms, nsamples, expert_tokens=tokens)
+            tables = {prefix: {} for prefix in ("tokens", "sum", "var")}
+            for name in f.keys():
+                prefix, _, module = name.partition(":")
+                if module:
+                    tensor = f.get_tensor(name)
+                    tables[prefix][module] = tensor if prefix == "tokens" else tensor.to(device)
+        return cls(
+            norms, nsamples, expert_tokens=tables["tokens"], sums=tables["sum"], variances=tables["var"]
+        )
 
 
 def _in_features(module: nn.Module) -> int:
@@ -143,14 +184,21 @@ def _watch(model: nn.Module, owners: dict[str, str], kind: str) -> tuple[dict, l
     return stats, handles
 
 
-def _accumulator(kind: str, columns: int, device: torch.device) -> RunningNorm | RunningHessian:
-    return RunningHessian(columns, device) if kind == "hessian" else RunningNorm(columns, device)
+ACCUMULATORS = {"norms": RunningNorm, "hessian": RunningHessian, "moments": RunningMoments}
+
+
+def _accumulator(kind: str, columns: int, device: torch.device) -> RunningMean:
+    return ACCUMULATORS[kind](columns, device)
 
 
 def _collected(stats: dict, kind: str, nsamples: int) -> ActivationStats:
     if kind == "hessian":
         return ActivationStats(nsamples=nsamples, hessians={n: acc.hessian for n, acc in stats.items()})
-    return ActivationStats({n: acc.sq_norm for n, acc in stats.items()}, nsamples)
+    collected = ActivationStats({n: acc.sq_norm for n, acc in stats.items()}, nsamples)
+    if kind == "moments":
+        collected.sums = {n: acc.sums for n, acc in stats.items()}
+        collected.variances = {n: acc.var for n, acc in stats.items()}
+    return collected
 
 
 class ExpertNorms:
@@ -237,6 +285,8 @@ def calibration_statistics(
 
     def collect(_layer: int, stats: ActivationStats) -> bool:
         merged.sq_norms.update(stats.sq_norms)
+        merged.sums.update(stats.sums)
+        merged.variances.update(stats.variances)
         moved: dict[int, torch.Tensor] = {}  # one CPU tensor per shared Hessian
         for name, hessian in stats.hessians.items():
             if id(hessian) not in moved:
@@ -275,6 +325,7 @@ def dense_pass(
     try:
         chunks = ids.split(batch_size)
         for i, chunk in enumerate(chunks):
+            checkpoint()
             try:
                 model(chunk.to(input_device(model)), use_cache=False)
             except _Stop:

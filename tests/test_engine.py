@@ -278,7 +278,7 @@ def test_a_failure_while_applying_masks_leaves_the_dense_weights_bitwise(monkeyp
 def test_the_method_table_drives_validation_and_masks():
     from prune.methods import METHODS, method_mask
 
-    assert list(METHODS) == ["wanda", "magnitude", "magnitude-row", "sparsegpt"]
+    assert list(METHODS) == ["wanda", "magnitude", "magnitude-row", "ria", "ria-row", "sparsegpt"]
     assert METHODS["sparsegpt"].changes_weights and METHODS["sparsegpt"].statistics == "hessian"
     assert METHODS["wanda"].needs_statistics and not METHODS["magnitude"].needs_statistics
     assert not METHODS["magnitude"].per_row and METHODS["magnitude-row"].per_row
