@@ -17,9 +17,12 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS
+from runtime.paths import CACHE_ENV
+from ui.host_config import add_flags, from_environment, startup_warnings
 
 TITLE = "Pruning lab"
 CSS = """
@@ -32,58 +35,31 @@ h1 { margin-bottom: 0 !important; }
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None = None, environ: Mapping[str, str] | None = None, prog: str = "python app.py"
+) -> argparse.Namespace:
+    """The app's flags, each hosting setting a flag leaves unset read from ``environ`` (default
+    ``os.environ``); a bad value raises ``HostConfigError`` (``ui.host_config``)."""
     p = argparse.ArgumentParser(
-        prog="python app.py",
+        prog=prog,
         description="The pruning lab in a browser: per-module Wanda pruning with live perplexity, "
         "side-by-side generation, downstream tasks and export.",
     )
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860 or $GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
-    p.add_argument("--data-dir", help="offline data folder (default: $PRUNING_LAB_DATA; unset: the hub)")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"model loaded at start: offline alias ({', '.join(OFFLINE_MODELS)}), hub id or local folder",
     )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 ...")
-    h = p.add_argument_group("hosting (a Space, a classroom)")
-    h.add_argument(
-        "--public",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="visitors choose only the host's --models and every request is limited "
-        "(default: on when $SPACE_ID is set, i.e. on a Hugging Face Space)",
+    h = p.add_argument_group(
+        "hosting (a Space, a classroom); each flag also reads the environment variable named in its "
+        "help, as Space Variables and Secrets do; a flag wins"
     )
-    h.add_argument(
-        "--models", help="comma list of the models visitors may choose (public; default: offline aliases)"
-    )
-    h.add_argument(
-        "--allow-custom-models",
-        action="store_true",
-        help="public: visitors may also type public hub ids (never loaded with the host's token)",
-    )
-    h.add_argument(
-        "--auth", action="append", metavar="USER:PASS", help="require a login (repeat for more users)"
-    )
-    h.add_argument("--session-ttl", type=float, help="minutes an idle session keeps its masks and files (60)")
-    h.add_argument("--max-calibration-tokens", type=int, help="samples x tokens per sample, per request")
-    h.add_argument("--max-eval-windows", type=int, help="evaluation windows per dataset")
-    h.add_argument("--max-eval-seqlen", type=int, help="tokens per evaluation window")
-    h.add_argument("--max-task-docs", type=int, help="documents per lm-eval task")
-    h.add_argument("--max-study-points", type=int, help="points per study")
-    h.add_argument("--max-new-tokens", type=int, help="generated tokens per answer")
-    h.add_argument("--max-upload-mb", type=float, help="size of an uploaded text file")
-    h.add_argument("--queue-size", type=int, help="heavy jobs waiting at most")
-    h.add_argument("--job-seconds", type=float, help="time limit of one heavy job")
-    h.add_argument("--zero-gpu-seconds", type=float, help="ZeroGPU: the most GPU time one job asks for (120)")
-    h.add_argument(
-        "--cache-entries", type=int, help="calibration sets / statistics / ranks kept in memory (4)"
-    )
-    h.add_argument("--cache-mb", type=float, help="memory per statistics or rank cache (1024)")
-    h.add_argument("--disk-cache-mb", type=float, help="statistics cache on disk (4096)")
-    return p.parse_args(argv)
+    add_flags(h)
+    return from_environment(p.parse_args(argv), environ)
 
 
 def hosting_from(args: argparse.Namespace, device_type: str):
@@ -119,11 +95,11 @@ def persistent_cache() -> str | None:
     """On a Space with persistent storage (/data), the model's first fetch and conversion and the
     statistics survive a restart: the cache goes there unless the host set one."""
     data = Path("/data")
-    if os.environ.get("PRUNING_LAB_CACHE") or not data.is_dir() or not os.access(data, os.W_OK):
+    if os.environ.get(CACHE_ENV) or not data.is_dir() or not os.access(data, os.W_OK):
         return None
-    os.environ["PRUNING_LAB_CACHE"] = str(data / "pruning-lab")
+    os.environ[CACHE_ENV] = str(data / "pruning-lab")
     os.environ.setdefault("HF_HOME", str(data / "huggingface"))
-    return os.environ["PRUNING_LAB_CACHE"]
+    return os.environ[CACHE_ENV]
 
 
 def startup_notes(engine) -> list[str]:
@@ -200,8 +176,16 @@ def launch_options() -> dict:
     return dict(theme=theme, css=CSS, show_error=True, footer_links=["api", "gradio"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
+    from prune.errors import LabError
+
+    try:
+        args = parse_args(argv, prog=prog)
+    except LabError as err:  # a bad environment variable: one line, as a bad flag is
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.cache_dir:
+        os.environ[CACHE_ENV] = args.cache_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
     cache = persistent_cache()
@@ -210,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.hub import go_offline_if_no_hub
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
-    from prune.errors import LabError
     from runtime import cache as prune_cache
     from runtime.models import resolve_device
     from runtime.paths import set_data_dir
@@ -226,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_data_dir(args.data_dir)
         hosting = hosting_from(args, resolve_device(device).type)
+        for warning in startup_warnings(args, hosting.public):
+            print(f"warning: {warning}", file=sys.stderr)
         engine = Engine(device=device, hosting=hosting)
         engine.offline = offline
         if zero_gpu():
@@ -241,15 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     from ui.sessions import EXPORT_ROOT
 
     print(f"exports: {EXPORT_ROOT}", file=sys.stderr, flush=True)
-    auth = [tuple(a.split(":", 1)) for a in args.auth or [] if ":" in a] or None
-    if args.auth and not auth:
-        print("error: --auth takes USER:PASS", file=sys.stderr)
-        return 2
-    if (args.share or args.host not in (None, "127.0.0.1", "localhost")) and not (auth or hosting.public):
-        print(
-            "warning: reachable by others without --auth or --public: anyone can load any model or folder",
-            file=sys.stderr,
-        )
     demo = build_demo(engine)
     limits = hosting.limits
     demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
@@ -261,12 +237,41 @@ def main(argv: list[str] | None = None) -> int:
         server_name=args.host,
         server_port=args.port,
         share=args.share,
-        auth=auth,
+        auth=args.auth,
         max_file_size=None if limits.upload_mb is None else int(limits.upload_mb * 2**20),
         app_kwargs={"middleware": [Middleware(DeleteAfterDownload)]},
         **launch_options(),
     )
     return 0
+
+
+COMMANDS = """usage: pruning-lab COMMAND [options]   (pruning-lab COMMAND --help: its options)
+
+commands:
+  app     the web app (the flags of python app.py)
+  run     prune, evaluate, save (python -m prune run)
+  study   module-sensitivity studies and allocation (python -m prune study)
+  info    a model's roles and parameter counts (python -m prune info)"""
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The installed ``pruning-lab`` command: the app, or a command of the CLI (``cli.main``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command == "app":
+        return main(argv[1:], prog="pruning-lab app")
+    if command in ("run", "study", "info"):
+        from cli import main as cli_main
+
+        return cli_main(argv)
+    if command in ("-h", "--help"):
+        print(COMMANDS)
+        return 0
+    print(
+        f"error: {f'unknown command {command!r}' if command else 'no command given'}\n{COMMANDS}",
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":

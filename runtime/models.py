@@ -80,6 +80,7 @@ class LoadedModel:
     source: str  # where the weights came from
     stream: LayerStream | None = None  # set when the decoder layers stream through the device
     plan: MemoryPlan | None = None  # how the memory plan chose to load it
+    dtype_reason: str = ""  # why this dtype (``choose_dtype``), shown with the model
 
     @property
     def max_length(self) -> int:
@@ -128,9 +129,29 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: fp32 on CPU (measured 4x faster than bf16 on AVX2 CPUs), bf16 on GPU."""
-    if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return choose_dtype(dtype, device)[0]
+
+
+def choose_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype to load in and why, in words for the user. auto: fp32 on a CPU (measured 4x
+    faster than bf16 on AVX2 CPUs), bf16 on a GPU that computes in it, fp16 on one that only
+    emulates bf16 (T4, V100: compute capability below 8)."""
+    if dtype != "auto":
+        return _named_dtype(dtype), "as asked"
+    if device.type == "cpu":
+        return torch.float32, "auto: float32 on a CPU (bf16 matmuls are several times slower there)"
+    if native_bf16(device):
+        return torch.bfloat16, "auto: bfloat16, which this GPU computes in"
+    return torch.float16, "auto: float16, this GPU has no native bfloat16 (T4, V100: compute capability < 8)"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself: NVIDIA from Ampere on (compute capability 8), every
+    ROCm GPU. ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _named_dtype(dtype: str) -> torch.dtype:
     table = {
         "float32": torch.float32,
         "fp32": torch.float32,
@@ -247,26 +268,32 @@ def load(
     streaming: str = "auto",
     max_memory: str | dict[str, int] | None = None,
     workload: Workload | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """``token=False`` never sends a Hugging Face token (a web visitor's own hub id, say);
-    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does.
+    ``None`` uses the host's login or ``HF_TOKEN`` as huggingface_hub does. Weights load from
+    safetensors only: a pickle checkpoint (``pytorch_model.bin``) can run code when it is read, so
+    it is refused unless ``allow_pickle`` (the person running the lab asked for it by name).
 
     Before any weight loads, ``load_plan`` decides where the model lives, or refuses with the
     numbers; the plan is kept as ``LoadedModel.plan`` (front ends show it, the loader does not)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target_device)
+    torch_dtype, dtype_reason = choose_dtype(dtype, target_device)
     if name in OFFLINE_MODELS:
         source = str(_converted_dir(OFFLINE_MODELS[name], progress))
     else:
         source = name
-    progress(f"Loading {name} ({torch_dtype}, {target_device})...")
+    shown_dtype = str(torch_dtype).replace("torch.", "")
+    progress(f"Loading {name} in {shown_dtype} on {target_device} ({dtype_reason})...")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     if token is not None:
         kwargs["token"] = token
     local = Path(source).expanduser().is_dir()
-    use_safetensors = True if local and any(Path(source).expanduser().glob("*.safetensors")) else None
+    if local and not allow_pickle:
+        _refuse_pickle_folder(name, Path(source).expanduser())
+    use_safetensors = None if allow_pickle else True  # None: safetensors first, else the pickle
     try:
         plan = load_plan(source, torch_dtype, target_device, workload, max_memory, streaming, kwargs)
         if plan is None:
@@ -288,6 +315,8 @@ def load(
             raise ModelLoadError(
                 f"{name} needs custom code from its repository; pass trust_remote_code only if you trust it"
             ) from None
+        if isinstance(err, OSError) and use_safetensors and not local and "safetensors" in str(err):
+            raise ModelLoadError(_pickle_message(name)) from None  # a hub repo with .bin weights only
         raise ModelLoadError(_not_found_message(name, err)) from None
     if getattr(model, "hf_device_map", None) is None and stream is None:
         model.to(target_device)
@@ -297,7 +326,28 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     roles = stream.roles if stream is not None else _roles(model)
-    return LoadedModel(name, model, tokenizer, roles, target_device, torch_dtype, source, stream, plan)
+    return LoadedModel(
+        name, model, tokenizer, roles, target_device, torch_dtype, source, stream, plan, dtype_reason
+    )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_folder(name: str, folder: Path) -> None:
+    """A local folder with pickle weights and no safetensors is refused before anything is read."""
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(path.suffix in PICKLE_SUFFIXES for path in folder.iterdir()):
+        raise ModelLoadError(_pickle_message(name))
+
+
+def _pickle_message(name: str) -> str:
+    return (
+        f"{name} has no safetensors weights, only a pickle checkpoint, and reading a pickle can run "
+        "code hidden in it: convert it to safetensors, or (command line) pass --allow-pickle if you "
+        "trust where it came from"
+    )
 
 
 def load_plan(

@@ -385,7 +385,7 @@ def test_workload_of_a_recipe():
     assert (magnitude.nsamples, magnitude.statistics, magnitude.eval_windows) == (0, "none", 0)
     assert evaluation_windows(["c4"], None, 2048) == 256 and evaluation_windows(["c4"], 8, 2048) == 8
     with pytest.raises(MemoryPlanError, match="workload statistics"):
-        Workload(statistics="moments")
+        Workload(statistics="gradients")
 
 
 def test_the_plan_reads_as_a_table_and_as_json(size_13b):
@@ -558,6 +558,7 @@ def _fake_gpus(monkeypatch, count: int, each_gib: float, cpu_gib: float = 64) ->
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(each_gib * GiB), 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # auto: bf16
 
 
 def _three_decisions(monkeypatch, folder, recipe: Recipe, max_memory=None, streaming="auto"):
