@@ -12,11 +12,11 @@ from typing import NoReturn
 
 from cli.progress import Bar
 from evaluation.lab import Lab
-from prune.errors import LabError
+from prune.errors import LabError, RecipeError
 from prune.progress import Progress
 from prune.recipe import CalibrationSpec, Recipe
 from runtime import memory
-from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, config_source, resolve_device, resolve_dtype
+from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS, choose_dtype, config_source, resolve_device
 from runtime.paths import set_data_dir
 
 NAMED_CALIBRATION = ("c4", "wikitext2", "generated")  # any other --calibration is a file
@@ -42,14 +42,23 @@ def add_model_flags(parser: argparse.ArgumentParser, model_flag: bool = True) ->
             help=f"offline alias ({', '.join(OFFLINE_MODELS)}), hub id or local folder ({DEFAULT_MODEL})",
         )
     parser.add_argument("--data-dir", help="offline data folder (default: $PRUNING_LAB_DATA; unset: the hub)")
-    parser.add_argument("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", help="auto (CPU fp32, GPU bf16, fp16 on a GPU without bf16), float32, bfloat16, float16"
+    )
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         default=None,
-        help="allow a hub model's own code to run (only for models you trust)",
+        help="allow a hub model's own code to run (only for models you trust; a recipe file's "
+        "trust_remote_code: true is refused without this flag)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a pickle checkpoint (pytorch_model.bin) when the model has no safetensors; "
+        "reading a pickle can run code, so only for files you trust",
     )
     parser.add_argument(
         "--max-memory",
@@ -89,6 +98,18 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+def trusted(recipe: Recipe, args: argparse.Namespace, path: str) -> Recipe:
+    """A recipe read from the file ``path``: one that asks to run a model's own code is refused
+    unless the person running the command asked for that too (``--trust-remote-code``)."""
+    if recipe.trust_remote_code and not args.trust_remote_code:
+        raise RecipeError(
+            f"{path} sets trust_remote_code: true, which runs code from the model's repository; "
+            "a recipe file alone never enables it: pass --trust-remote-code as well if you trust "
+            f"{recipe.model}"
+        )
+    return recipe
+
+
 def model_fields(args: argparse.Namespace) -> dict:
     """The Recipe fields the model flags set (unset flags are left out)."""
     return {name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name, None) is not None}
@@ -122,11 +143,12 @@ def show_memory_plan(args: argparse.Namespace, recipe: Recipe, bar: Bar) -> memo
     if source is None:
         return None
     device = resolve_device(recipe.device)
+    dtype, why = choose_dtype(recipe.dtype, device)
     batch_size = getattr(args, "batch_size", None) or memory.default_batch_size(device)
     try:
         plan = memory.plan_for_source(
             source,
-            resolve_dtype(recipe.dtype, device),
+            dtype,
             device,
             memory.Workload.for_recipe(recipe, batch_size),
             args.max_memory,
@@ -136,7 +158,7 @@ def show_memory_plan(args: argparse.Namespace, recipe: Recipe, bar: Bar) -> memo
         )
     except memory.ConfigUnavailable:
         return None
-    bar.message(plan.text())
+    bar.message(f"{plan.text()}\n  dtype: {str(dtype).replace('torch.', '')} ({why})")
     return plan
 
 
@@ -148,4 +170,5 @@ def open_lab(args: argparse.Namespace, recipe: Recipe, progress: Progress) -> La
         streaming=args.streaming,
         max_memory=args.max_memory,
         batch_size=getattr(args, "batch_size", None),
+        allow_pickle=args.allow_pickle,
     )

@@ -90,10 +90,13 @@ class Lab:
         max_memory: str | dict[str, int] | None = None,
         batch_size: int | None = None,
         sessions: int = 1,
+        allow_pickle: bool = False,
     ) -> Lab:
         """Load the recipe's model (its revision, dtype, device and trust setting) as the memory plan
         for running the recipe says (in memory or streamed; ``streaming``, ``max_memory`` as in
-        ``runtime.models.load``); ``token=False`` never sends the host's Hugging Face token."""
+        ``runtime.models.load``); ``token=False`` never sends the host's Hugging Face token.
+        ``allow_pickle`` is not part of the recipe: only the person running the lab can allow a
+        pickle checkpoint (a recipe file can come from anyone)."""
         batch = batch_size or default_batch_size(resolve_device(recipe.device))
         loaded = load(
             recipe.model,
@@ -106,6 +109,7 @@ class Lab:
             streaming=streaming,
             max_memory=max_memory,
             workload=Workload.for_recipe(recipe, batch, sessions),
+            allow_pickle=allow_pickle,
         )
         return cls(loaded, batch_size)
 
@@ -122,6 +126,7 @@ class Lab:
             "role_parameters": lm.roles.param_counts(lm.model),
             "device": str(lm.device),
             "dtype": str(lm.dtype).replace("torch.", ""),
+            "dtype_reason": lm.dtype_reason,  # e.g. "auto: float16, this GPU has no native bfloat16"
         }
 
     def memory(self) -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune.errors import LabError
-from prune.progress import Event, Progress, silent
+from prune.progress import Event, Progress, checkpoint, silent
 from runtime.data import TextSource, load_file, load_texts
 from runtime.models import LoadedModel
 from runtime.stream import model_logits
@@ -113,6 +113,7 @@ def perplexity(
     nll_sum, start = 0.0, time.perf_counter()
     logits_of = _logits(model, ids[:, : windows * seqlen].reshape(windows, seqlen), batch_size, progress)
     for k, first in enumerate(range(0, windows, batch_size)):
+        checkpoint()  # cancel and the time limit hold whatever ``progress`` does
         last = min(first + batch_size, windows)
         inputs = ids[:, first * seqlen : last * seqlen].reshape(last - first, seqlen)
         logits = logits_of(k, inputs)

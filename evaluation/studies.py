@@ -31,7 +31,7 @@ from pathlib import Path
 from evaluation.lab import Lab, versions
 from prune.errors import LabError, RecipeError
 from prune.jobs import JobSize, job_size
-from prune.progress import Event, Progress, scaled, silent
+from prune.progress import Event, Progress, checkpoint, scaled, silent
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES
 
@@ -405,6 +405,7 @@ def run_study(
     passes_before = lab.calibration_passes
     try:
         for index, spec in enumerate(todo):
+            checkpoint()
             label = f"{kind} {index + 1}/{len(todo)}: {spec.series} at {spec.rate:.0%}"
             progress(Event("study", index / len(todo), label, step=index, steps=len(todo)))
             part = scaled(progress, index / len(todo), (index + 1) / len(todo), label)

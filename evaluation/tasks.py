@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prune.errors import RecipeError
-from prune.progress import Event, Progress, scaled, silent
+from prune.progress import Event, Progress, checkpoint, scaled, silent
 from prune.recipe import Recipe
 from runtime.paths import cache_dir, data_dir
 from runtime.stream import input_device
@@ -128,6 +128,10 @@ def _reporting_lm(model, tokenizer, batch_size: int, report: Callable[[int, int,
                 report(end, len(requests), requests[start].task_name)
             return out
 
+        def _model_call(self, *args, **kwargs):
+            checkpoint()  # every batch of documents, whatever ``progress`` does
+            return super()._model_call(*args, **kwargs)
+
         def get_model_info(self) -> dict:
             """No hub lookup of a model sha: the model is an in-memory object."""
             return {"model_num_parameters": sum(p.numel() for p in model.parameters())}
@@ -181,6 +185,7 @@ def evaluate_tasks(
     with _quiet_lm_eval():
         loaded = []
         for index, name in enumerate(names):
+            checkpoint()
             progress(Event("tasks", 0.0, f"loading {name} ({index + 1}/{len(names)})", dataset=name))
             loaded.append(load_task(name, source))
         lm = _reporting_lm(model, tokenizer, batch_size, _request_progress(progress))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
+from prune.progress import checkpoint
 from prune.roles import Target
 from runtime.models import LoadedModel
 
@@ -242,6 +243,7 @@ def quantized_copy(
     layer_bytes = full_bytes = 0
     kept: set[str] = set()
     for i, layer in enumerate(layers):
+        checkpoint()
         prefix = f"{roles.layers_path}.{i}."
         with lm.layer(i), torch.no_grad():
             linears = _linears(layer)

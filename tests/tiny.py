@@ -162,3 +162,14 @@ def save_tiny_chat_model(folder, seed: int = 0):
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def word_tokenizer():
+    """A word-level tokenizer for the tiny models: ``w0 .. w{VOCAB-1}`` split on spaces (no
+    download, no SmolLM2 needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", eos_token="w1", pad_token="w1")

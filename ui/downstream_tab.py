@@ -95,7 +95,6 @@ def make_handlers(engine: Engine):
         evaluation = dataclasses.replace(recipe.evaluation, tasks=tuple(tasks), limit=_limit(limit))
         recipe = dataclasses.replace(recipe, evaluation=evaluation)
         size = job_size(recipe, "tasks", dense=dense)
-        engine.hosting.limits.check(size)
 
         def work(emit):
             with engine.pruned(session):

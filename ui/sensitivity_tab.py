@@ -135,7 +135,6 @@ def make_handlers(engine: Engine):
             limit=(int(limit) or None) if kind == "downstream" and tasks else None,
         )
         size = studies.study_size(engine.model_for(session), **options)
-        engine.hosting.limits.check(size)
         folder = study_folder(
             session, {**options, "model": engine.model_for(session), "calibration": calibration.key()}
         )
@@ -188,7 +187,6 @@ def make_handlers(engine: Engine):
             )
         folder = session.folder("allocate")
         size = allocate_size(engine.model_for(session), study, refine)
-        engine.hosting.limits.check(size)
 
         def work(emit):
             return allocate_from_study(
