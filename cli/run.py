@@ -17,12 +17,14 @@ from cli import flags
 from cli.progress import Bar
 from evaluation.lab import Lab
 from evaluation.quantized import markdown, quantization_table, recipe_key
+from evaluation.speed import ModelSpeed, SideBySide, side_by_side
 from prune.errors import LabError
 from prune.methods import METHODS
 from prune.recipe import (
     LAYER_SCHEDULES,
     OWL_LAMBDA,
     OWL_M,
+    REFINES,
     STATS_MODES,
     EvalSpec,
     Recipe,
@@ -51,8 +53,24 @@ def parser() -> argparse.ArgumentParser:
         "gate=0.6,up=0.6,down=0.6 (fractions in [0, 1])",
     )
     p.add_argument("--method", choices=list(METHODS))
-    p.add_argument("--structure", help="unstructured (default) or N:M such as 2:4, 4:8")
+    p.add_argument(
+        "--structure",
+        help="unstructured (default), N:M such as 2:4, or whole units that really shrink the model: "
+        "channels (MLP channels at the mlp rate, heads / kv groups at the attn rate, Wanda-sp) or "
+        "depth (the fraction 'all' of decoder layers, ShortGPT's block influence)",
+    )
     p.add_argument("--use-variant", action="store_true", default=None, help="Wanda's cumulative-sum variant")
+    p.add_argument(
+        "--permute",
+        action="store_true",
+        default=None,
+        help="RIA's channel permutation before N:M (ria, ria-row; the mask stays on the original columns)",
+    )
+    p.add_argument(
+        "--refine",
+        choices=list(REFINES),
+        help="refine the method's mask: dsnot (DSnoT's training-free prune-and-grow; calibrates)",
+    )
     p.add_argument("--layers", help="only decoder layers START:END (end exclusive)")
     p.add_argument(
         "--layer-schedule",
@@ -80,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="lm-eval examples per task")
     p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
     p.add_argument(
+        "--speed",
+        action="store_true",
+        help="time prefill and decode tokens/s of the dense and the pruned model side by side",
+    )
+    p.add_argument(
         "--quantize",
         help=f"also evaluate bitsandbytes copies of the dense and pruned model: {' or '.join(QUANT_KINDS)} "
         "(or both, comma-separated); needs bitsandbytes",
@@ -97,9 +120,13 @@ def parser() -> argparse.ArgumentParser:
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe file (or the defaults with all=0.5), with every flag that is set applied."""
-    base = Recipe.load(args.recipe) if args.recipe else Recipe(sparsity=parse_sparsity("all=0.5"))
+    if args.recipe:
+        base = flags.trusted(Recipe.load(args.recipe), args, args.recipe)
+    else:
+        base = Recipe(sparsity=parse_sparsity("all=0.5"))
     changes = flags.model_fields(args)
-    for name in ("method", "structure", "use_variant", "stats_mode", "layer_schedule", "owl_m", "owl_lambda"):
+    names = ("method", "structure", "use_variant", "permute", "refine", "stats_mode", "layer_schedule")
+    for name in (*names, "owl_m", "owl_lambda"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.sparsity is not None:
@@ -162,6 +189,9 @@ def run(argv: list[str]) -> int:
                 known=result.perplexity,
                 dense=not args.no_dense,
             )
+        if args.speed:
+            bar.message("timing prefill and decode, dense and pruned")
+            output["speed"] = side_by_side(lab, result.prune.state).to_dict()
         if recipe.evaluation.tasks:
             from evaluation.tasks import evaluate_recipe_tasks
 
@@ -228,6 +258,10 @@ def summary(output: dict) -> list[str]:
             lines.append(f"tasks mean {row['metric']}: {_arrow(row['dense'], row['pruned'], '.4f')}")
     if "quantized" in output:
         lines.extend(markdown(output["quantized"]).splitlines())
+    if "speed" in output:
+        speed = {k: v for k, v in output["speed"].items() if k != "ratios"}
+        pair = {k: ModelSpeed(**speed.pop(k)) for k in ("dense", "pruned")}
+        lines.extend(SideBySide(**speed, **pair).lines())
     return lines
 
 

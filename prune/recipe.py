@@ -16,6 +16,7 @@ from pathlib import Path
 from prune.errors import RecipeError
 from prune.methods import Method, method
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
+from prune.structured import STRUCTURED
 
 STATS_MODES = ("sequential", "cached")
 CALIBRATION_SOURCES = ("c4", "wikitext2", "generated", "file")
@@ -24,6 +25,7 @@ CALIBRATION_SOURCES = ("c4", "wikitext2", "generated", "file")
 LAYER_SCHEDULES = ("uniform", "owl", "owl-band")
 OWL_M = 5.0  # OWL: a Wanda score above M x its layer's mean score is an outlier
 OWL_LAMBDA = 0.08  # OWL: layer sparsities spread over 2 lambda around the mean
+REFINES = ("none", "dsnot")  # a mask refinement after the method's: DSnoT (Zhang et al. 2024)
 
 
 class FrozenDict(dict):
@@ -103,8 +105,13 @@ class Recipe:
     device: str = "auto"
     trust_remote_code: bool = False
     method: str = "wanda"
-    structure: str = "unstructured"  # or "N:M", e.g. "2:4"
+    # "unstructured", "N:M" (e.g. "2:4"), or whole units (prune.structured): "channels" (MLP
+    # channels at the mlp rate, attention heads / kv groups at the attn rate) or "depth" (a
+    # fraction "all" of the decoder layers)
+    structure: str = "unstructured"
     use_variant: bool = False  # the Wanda reference's cumulative-sum threshold
+    permute: bool = False  # RIA's channel permutation before N:M (the mask stays on the original columns)
+    refine: str = "none"  # "dsnot": DSnoT's prune-and-grow on the method's mask (needs input moments)
     # role or group ("attn", "mlp", "all") -> fraction pruned; a role beats its group, a group "all"
     sparsity: Mapping[str, float] = field(default_factory=FrozenDict)
     layers: tuple[int, int] | None = None  # [start, end): only these decoder layers are pruned
@@ -152,6 +159,8 @@ class Recipe:
                 raise RecipeError(f"layers must be [start, end) with 0 <= start < end; got {list(layers)}")
             _set(self, "layers", layers)
         self._check_schedule()
+        self._check_refinements(spec)
+        self._check_structured()
         if not isinstance(self.calibration, CalibrationSpec) or not isinstance(self.evaluation, EvalSpec):
             raise RecipeError("calibration and evaluation must be CalibrationSpec and EvalSpec")
 
@@ -173,6 +182,58 @@ class Recipe:
                 f"{self.structure} prunes the same N:M pattern in every layer"
             )
 
+    def _check_refinements(self, spec: Method) -> None:
+        """RIA's permutation is for N:M; DSnoT swaps weights one for one within a row (or an M-group),
+        so it needs a mask with the same count in every row: a per-row method or N:M."""
+        if not isinstance(self.permute, bool) or self.refine not in REFINES:
+            raise RecipeError(f"permute is true or false; refine is one of {', '.join(REFINES)}")
+        if self.permute and not (self.nm and spec.supports_permute):
+            raise RecipeError(
+                "permute (RIA's channel permutation) applies to N:M structures with ria or ria-row"
+            )
+        if self.refine == "none":
+            return
+        if (
+            spec.changes_weights
+            or self.use_variant
+            or self.permute
+            or self.structured
+            or not (spec.per_row or self.nm)
+        ):
+            raise RecipeError(
+                "DSnoT refines a mask with the same count in every row: use wanda, magnitude-row or "
+                "ria-row (or any of these and magnitude, ria with N:M), without use_variant, permute "
+                "or whole-unit structures"
+            )
+
+    def _check_structured(self) -> None:
+        """Structured pruning removes the same units from every layer, scored one way."""
+        if not self.structured:
+            return
+        if self.method != "wanda" or self.use_variant:
+            raise RecipeError(
+                f"{self.structure} pruning is scored by Wanda-sp / block influence: use method wanda"
+            )
+        if self.layers is not None or self.per_layer or self.layer_schedule != "uniform":
+            raise RecipeError(
+                f"{self.structure} pruning removes the same units from every layer: no layer ranges"
+            )
+        groups = {"channels": (ATTENTION_ROLES, MLP_ROLES), "depth": (ROLES,)}[self.structure]
+        for group in groups:
+            if len({lookup(self.sparsity, role) or 0.0 for role in group}) > 1:
+                what = "attn=... and mlp=..." if self.structure == "channels" else "all=... (layers)"
+                raise RecipeError(f"{self.structure} pruning takes one rate per unit kind: set {what}")
+
+    @property
+    def structured(self) -> bool:
+        """Whole units removed (the matrices shrink), not weights zeroed."""
+        return self.structure in STRUCTURED
+
+    def unit_rate(self, role: str) -> float:
+        """Structured: the fraction of units removed, read from one role of their kind
+        (``o``: attention units, ``down``: MLP channels, any role: layers for depth)."""
+        return lookup(self.sparsity, role) or 0.0
+
     # ----- the sparsity one (layer, role) gets ---------------------------------------------
     def sparsity_for(self, layer: int, role: str) -> float:
         if self.layers is not None and not (self.layers[0] <= layer < self.layers[1]):
@@ -192,7 +253,7 @@ class Recipe:
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        if self.structure == "unstructured":
+        if self.structure == "unstructured" or self.structured:
             return None
         return parse_nm(self.structure)
 
@@ -201,8 +262,14 @@ class Recipe:
         return method(self.method)
 
     @property
+    def statistics(self) -> str | None:
+        """Calibration statistics pruning reads: the method's, or "moments" (norms, column sums and
+        variances) for DSnoT, whatever the method (magnitude + DSnoT calibrates)."""
+        return "moments" if self.refine == "dsnot" else self.method_spec.statistics
+
+    @property
     def needs_statistics(self) -> bool:
-        return self.method_spec.needs_statistics
+        return self.statistics is not None
 
     def schedules_layers(self, num_layers: int | None = None) -> bool:
         """Whether pruning first writes the layer schedule out, from the dense model's outlier ratios
@@ -350,7 +417,9 @@ def parse_nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in text.split(":"))
     except ValueError:
-        raise RecipeError(f"structure must be 'unstructured' or 'N:M' like '2:4'; got {text!r}") from None
+        raise RecipeError(
+            f"structure must be 'unstructured', 'N:M' like '2:4', 'channels' or 'depth'; got {text!r}"
+        ) from None
     if not 0 < n < m:
         raise RecipeError(f"N:M needs 0 < N < M; got {n}:{m}")
     return n, m

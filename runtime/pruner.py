@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from prune.allocation import schedule_per_layer
+from prune.dsnot import refines
 from prune.errors import LabError
 from prune.masks import mask_from_ranks, row_ranks
 from prune.methods import method_mask
-from prune.progress import Event, Progress, scaled, silent
+from prune.progress import Event, Progress, checkpoint, scaled, silent
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
-from prune.report import SparsityReport, sparsity_report
+from prune.report import SparsityReport, removed_report, sparsity_report
 from prune.roles import ROLES
 from prune.sparsegpt import sparsegpt_prune
 from prune.state import DENSE, PrunedState
@@ -35,6 +36,9 @@ from runtime.memory import default_batch_size
 from runtime.models import LoadedModel
 from runtime.paths import cache_dir
 from runtime.stats import ActivationStats, calibration_statistics, layer_outlier_ratios, sequential_pass
+from runtime.structured import Shrunk, block_influences, check_structured, plan_channels, plan_depth, shrink
+
+SAVED_KINDS = ("norms", "moments")  # statistics kept on disk too (Hessians are too large)
 
 
 @dataclass
@@ -69,6 +73,18 @@ def ids_digest(ids: torch.Tensor) -> str:
     return hashlib.sha1(ids.numpy().tobytes() + str(tuple(ids.shape)).encode()).hexdigest()[:16]
 
 
+def calibration_info(recipe: Recipe, ids: torch.Tensor) -> dict:
+    """What a result says of its calibration: source, shape and a digest of the token ids."""
+    n, length = ids.shape
+    return {
+        "source": recipe.calibration.source,
+        "nsamples": int(n),
+        "seqlen": int(length),
+        "tokens": int(ids.numel()),
+        "ids": ids_digest(ids),
+    }
+
+
 class Pruner:
     def __init__(self, loaded: LoadedModel, batch_size: int | None = None):
         self.loaded = loaded
@@ -84,6 +100,7 @@ class Pruner:
         self._ranks: LRU = LRU()  # (stats key, method) -> {(layer, role): ranks}
         self.use_ranks = loaded.device.type == "cpu"
         self.stream = loaded.stream  # a streamed model: layers come to the device one at a time
+        self.shrunk: Shrunk | None = None  # a structured state's replaced modules, while it is applied
 
     @property
     def masks(self) -> Masks:
@@ -127,20 +144,21 @@ class Pruner:
     def cached_statistics(
         self, ids: torch.Tensor, progress: Progress = silent, kind: str = "norms"
     ) -> tuple[ActivationStats, str]:
-        """Dense statistics (``kind``: norms or hessian) for these ids: from memory, from disk
-        (norms only; Hessians are large), or one calibration pass on the dense model."""
-        key = self._stats_key(ids) + ("" if kind == "norms" else f":{kind}")
+        """Dense statistics (``kind``: norms, moments or hessian) for these ids: from memory, from
+        disk (norms and moments; Hessians are large), or one calibration pass on the dense model.
+        Each kind has its own key, so a norms file is never read as moments."""
+        key = self._stats_key(ids) + ("" if kind == "norms" else f"-{kind}")
         if key in self._stats:
             return self._stats[key], "cached: memory"
         path = cache_dir("stats") / f"{key}.safetensors"
-        if kind == "norms" and path.exists():
+        if kind in SAVED_KINDS and path.exists():
             stats, source = ActivationStats.load(path, self.loaded.device), "cached: disk"
         else:
             with self._dense():
                 lm = self.loaded
                 stats = calibration_statistics(lm, ids, self.batch_size, progress, kind)
             self.calibration_passes += 1
-            if kind == "norms":
+            if kind in SAVED_KINDS:
                 stats.save(path, {"model": self.loaded.name, "ids": ids_digest(ids)})
             cap_folder(path.parent)  # the disk cache stays under its cap (oldest files go first)
             source = "cached: computed"
@@ -153,6 +171,7 @@ class Pruner:
     ) -> tuple[Masks, Values]:
         """Masks of one layer (and the rewritten weights, for a method that changes them);
         ``ranks`` (from ``_rank_cache``) only when the weights are dense."""
+        checkpoint()  # a cancelled job stops between layers, before any mask is applied
         model, roles, spec = self.loaded.model, self.loaded.roles, recipe.method_spec
         masks, values = {}, {}
         for role in roles.roles:
@@ -162,7 +181,7 @@ class Pruner:
             key, target = (layer, role), roles.targets[(layer, role)]
             if target.parts:  # a role over several matrices (Qwen2-MoE's shared expert): one mask each
                 norms = [stats.sq_norms[p.stats_key] if stats is not None else None for p in target.parts]
-                args = (sparsity, recipe.nm, recipe.use_variant)
+                args = (sparsity, recipe.nm, recipe.use_variant, recipe.permute)
                 pieces = zip(target.views(model), norms, strict=True)
                 masks[key] = join_masks([method_mask(spec, w, n, *args) for w, n in pieces])
                 continue
@@ -176,7 +195,9 @@ class Pruner:
                 continue
             sq_norm = stats.sq_norms[target.stats_key] if stats is not None else None
             if ranks is None:
-                masks[key] = method_mask(spec, weight, sq_norm, sparsity, recipe.nm, recipe.use_variant)
+                moments = stats.moments(target.stats_key) if refines(recipe.refine, role) else None
+                args = (sparsity, recipe.nm, recipe.use_variant, recipe.permute, moments)
+                masks[key] = method_mask(spec, weight, sq_norm, *args)
                 continue
             if key not in ranks:
                 ranks[key] = row_ranks(spec.scores(weight, sq_norm).reshape(-1, weight.shape[-1]))
@@ -189,13 +210,15 @@ class Pruner:
     def _rank_cache(self, recipe: Recipe, stats_key: str) -> dict | None:
         """Row ranks of the dense scores for (statistics, method), where masks can come from them."""
         row_wise = recipe.nm is None and not recipe.use_variant and recipe.method_spec.per_row
-        if not (row_wise and self.use_ranks):
+        if not (row_wise and self.use_ranks) or recipe.refine != "none":  # DSnoT's masks are no rank cut
             return None
         return self._ranks.setdefault((stats_key, recipe.method), {})
 
     def _check(self, recipe: Recipe) -> None:
         """What only the loaded model can tell: its roles, its layers, its matrix widths."""
         roles = self.loaded.roles
+        if recipe.structured:
+            check_structured(self.loaded, recipe)
         tables = [recipe.sparsity, *recipe.per_layer.values()]
         asked = {key for table in tables for key, value in table.items() if value > 0 and key in ROLES}
         missing = asked - set(roles.roles)
@@ -210,6 +233,8 @@ class Pruner:
         experts = any(p.experts for _, _, t in roles.items() for p in t.pieces())
         if recipe.method_spec.changes_weights and experts:
             raise RecipeError(f"{recipe.method} does not support mixture-of-experts models yet")
+        if recipe.refine != "none" and experts:
+            raise RecipeError("DSnoT does not support mixture-of-experts models yet (no per-expert moments)")
         if recipe.nm:
             m = recipe.nm[1]
             for layer, role, target in roles.items():
@@ -232,6 +257,8 @@ class Pruner:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         passes_before = self.calibration_passes
+        if recipe.structured:
+            return self._prune_structured(recipe, progress, ids, key)
         recipe = self._scheduled(recipe, ids, timings, progress)  # OWL: per_layer written out
         calib_info: dict = {}
         roles, spec = self.loaded.roles, recipe.method_spec
@@ -255,16 +282,10 @@ class Pruner:
             if ids is None:
                 ids = self.calibration_ids(recipe.calibration)
             timings["calibration_data_s"] = time.perf_counter() - t
-            calib_info = {
-                "source": recipe.calibration.source,
-                "nsamples": int(ids.shape[0]),
-                "seqlen": int(ids.shape[1]),
-                "tokens": int(ids.numel()),
-                "ids": ids_digest(ids),
-            }
+            calib_info = calibration_info(recipe, ids)
             if recipe.stats_mode == "cached":
                 t = time.perf_counter()
-                stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9), spec.statistics)
+                stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9), recipe.statistics)
                 experts = [name for layer in wanted for name in roles.experts_in_layer(layer)]
                 unreached = stats.unreached_experts(experts)
                 timings["statistics_s"] = time.perf_counter() - t
@@ -297,6 +318,43 @@ class Pruner:
         passes = self.calibration_passes - passes_before
         return PruneResult(recipe, report, state, timings, source, passes, calib_info)
 
+    def _prune_structured(
+        self, recipe: Recipe, progress: Progress, ids: torch.Tensor | None, key: Hashable | None
+    ) -> PruneResult:
+        """Whole units removed (the model is dense here): heads and channels by Wanda-sp from the
+        cached dense statistics (whatever ``stats_mode`` says), or layers by block influence from
+        one dense pass; then the model shrinks."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        progress(Event("calibration", 0.0, f"calibration data: {recipe.calibration.source}"))
+        ids = self.calibration_ids(recipe.calibration) if ids is None else ids
+        calib_info = calibration_info(recipe, ids)
+        passes_before = self.calibration_passes
+        t = time.perf_counter()
+        if recipe.structure == "channels":
+            stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9))
+            structure = plan_channels(self.loaded, stats, recipe)
+        else:
+            influence = block_influences(self.loaded, ids, self.batch_size, scaled(progress, 0.0, 0.9))
+            self.calibration_passes += 1
+            calib_info["block_influence"] = [round(x, 6) for x in influence]
+            structure, source = plan_depth(influence, recipe), "block influence"
+        timings["statistics_s"] = time.perf_counter() - t
+        lm = self.loaded
+        dense = [lm.roles.layer_param_counts(lm.model, layer) for layer in range(lm.roles.num_layers)]
+        total = lm.num_parameters()
+        t = time.perf_counter()
+        state = PrunedState(recipe=recipe, key=key, structure=structure)
+        self.apply(state)
+        timings["apply_s"] = time.perf_counter() - t
+        numbers = structure.layers if structure.layers is not None else range(len(dense))
+        kept = {old: lm.roles.layer_param_counts(lm.model, new) for new, old in enumerate(numbers)}
+        report = removed_report(dense, kept, total, recipe.unit_rate)
+        timings["total_s"] = time.perf_counter() - start
+        progress(Event("prune", 1.0, "pruned"))
+        passes = self.calibration_passes - passes_before
+        return PruneResult(recipe, report, state, timings, source, passes, calib_info)
+
     def _scheduled(
         self, recipe: Recipe, ids: torch.Tensor | None, timings: dict, progress: Progress
     ) -> Recipe:
@@ -310,7 +368,8 @@ class Pruner:
         t = time.perf_counter()
         if ids is None:
             ids = self.calibration_ids(recipe.calibration)
-        stats, _ = self.cached_statistics(ids, scaled(progress, 0.0, 0.2, "outlier ratios"))
+        kind = "moments" if recipe.statistics == "moments" else "norms"  # moments hold the norms too
+        stats, _ = self.cached_statistics(ids, scaled(progress, 0.0, 0.2, "outlier ratios"), kind)
         ratios = layer_outlier_ratios(lm, stats, recipe.owl_m)
         shapes = {
             (layer, role): target.shape(lm.model) for layer, role, target in lm.roles.items()
@@ -339,7 +398,7 @@ class Pruner:
             return bool(layer_masks)
 
         self._set_state(PrunedState(masks, values, recipe))  # grows: restore() knows what was touched
-        kind = recipe.method_spec.statistics
+        kind = recipe.statistics
         try:
             sequential_pass(self.loaded, ids, self.batch_size, prune_layer, last_layer, progress, kind)
         except BaseException:
@@ -360,6 +419,9 @@ class Pruner:
 
     def restore(self) -> None:
         """Back to the dense model, bitwise; only the matrices the masks touched are copied."""
+        if self.shrunk is not None:  # a structured state: the replaced modules go back
+            self.shrunk.undo()
+            self.shrunk = None
         if self.dense is not None and self.masks:
             self.dense.restore(touched_modules(self.loaded.roles, self.masks))
         self._set_state(DENSE)
@@ -372,6 +434,9 @@ class Pruner:
             return self._solve(state)
         self.restore()
         if state.is_dense:
+            return self._set_state(state)
+        if state.structure is not None:  # nothing to snapshot: shrinking keeps the dense modules
+            self.shrunk = shrink(self.loaded, state.structure)
             return self._set_state(state)
         self._ensure_snapshot()
         self._set_state(state)

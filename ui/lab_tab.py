@@ -20,8 +20,9 @@ from prune.jobs import job_size
 from prune.progress import Event
 from prune.recipe import Recipe
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
+from prune.structured import STRUCTURED
 from runtime import memory
-from runtime.models import config_source, resolve_device, resolve_dtype
+from runtime.models import choose_dtype, config_source, resolve_device
 from runtime.paths import data_dir
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
@@ -32,6 +33,7 @@ from ui.recipes import (
     EVAL_CHOICES,
     LAYER_SCHEDULE_CHOICES,
     METHOD_CHOICES,
+    REFINE_CHOICES,
     STATS_CHOICES,
     STRUCTURES,
     Controls,
@@ -65,7 +67,16 @@ HISTORY_HEADERS = [
     "calibration pass",
     "seconds",
 ]
-PLAN_SETTINGS = ("method", "stats_mode", "nsamples", "seqlen", "eval_datasets", "eval_windows", "eval_seqlen")
+PLAN_SETTINGS = (
+    "method",
+    "refine",
+    "stats_mode",
+    "nsamples",
+    "seqlen",
+    "eval_datasets",
+    "eval_windows",
+    "eval_seqlen",
+)
 ROLE_INFO = {
     "q": "query",
     "k": "key",
@@ -92,7 +103,8 @@ def model_markdown(engine: Engine, session: Session | None = None) -> str:
     absent = f"  \nNo {', '.join(missing)} role in this architecture." if missing else ""
     return (
         f"**{engine.hosting.display(info['name'])}** · {info['architecture']}, {info['layers']} layers · "
-        f"**{millions(info['parameters'])} parameters** · {info['device']} · {info['dtype']}\n\n"
+        f"**{millions(info['parameters'])} parameters** · {info['device']} · {info['dtype']}"
+        f"{dtype_note(info)}\n\n"
         f"Memory: weights {mem['weights_bytes'] / 2**30:.2f} GiB on {info['device']} + dense copy "
         f"{mem['dense_copy_bytes'] / 2**30:.2f} GiB ({mem['dense_copy_on']}, makes pruning reversible) + "
         f"{mem['session_masks_bytes'] / 2**20:.0f} MiB of masks per session{absent}\n\n"
@@ -119,6 +131,11 @@ def refresh(engine: Engine, session: Session | None = None) -> list:
     ]
 
 
+def dtype_note(info: dict) -> str:
+    """Why the model is in its dtype (auto picks per device), small, after the dtype."""
+    return f" <small>({info['dtype_reason']})</small>" if info["dtype_reason"] else ""
+
+
 def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
     """The memory plan for model ``name`` on this server's device, with ``recipe``'s calibration and
     evaluation, from the model's config alone (no weights); empty when there is none to show: a
@@ -131,7 +148,7 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
         device = resolve_device(engine.device)
         sessions = max(1, engine.sessions.live())
         workload = memory.Workload.for_recipe(recipe, memory.default_batch_size(device), sessions)
-        dtype = resolve_dtype(engine.dtype, device)
+        dtype, why = choose_dtype(engine.dtype, device)
         plan = memory.plan_for_source(config, dtype, device, workload, token=None if token_ok else False)
     except memory.ConfigUnavailable:
         return ""
@@ -141,7 +158,8 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
         return ""
     rows = "\n".join(f"| {memory.gib(r.bytes)} | {r.where} | {r.item} |" for r in plan.rows if r.counted)
     return (
-        f"**Memory plan:** {plan.headline()}  \n<small>{plan.reason}</small>\n\n"
+        f"**Memory plan:** {plan.headline()}  \n<small>{plan.reason}; weights in "
+        f"{str(dtype).replace('torch.', '')} ({why})</small>\n\n"
         f"| GiB | where | for |\n|--:|---|---|\n{rows}\n\n<small>Total: {plan.totals_text()}</small>"
     )
 
@@ -360,7 +378,7 @@ def make_measure_handler(engine: Engine):
                 }
 
         yield ["Waiting for the model ...", gr.skip()]
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, job_size(session.recipe, "run", dense=False)):
             if kind == "queue":
                 yield [waiting_text(payload), gr.skip()]
         text = ", ".join(f"{dataset_label(ds)} {ppl:.3f}" for ds, ppl in payload.items())
@@ -374,6 +392,13 @@ def speed_note(structure: str):
     """The line under the structure choice: whether this server can time 2:4 kernels."""
     if structure == "unstructured":
         return gr.Markdown(visible=False)
+    if structure in STRUCTURED:
+        text = (
+            f"{structure}: whole units go (attention and MLP sliders: heads / kv groups and MLP channels "
+            "removed; depth: every slider at the fraction of layers), so the matrices really shrink "
+            "and the model runs faster; `python -m prune --speed` times it against the dense model."
+        )
+        return gr.Markdown(f"<small>{text}</small>", visible=True)
     ok, why = semi_structured_support()
     if not ok:
         text = why
@@ -399,7 +424,7 @@ def make_speed_handler(engine: Engine):
             with engine.pruned(session) as model:
                 return measure_24(model, engine.ensure(session).loaded.roles)
 
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, None):
             if kind == "queue":
                 yield f"Waiting for the model ({payload} jobs ahead) ..."
             elif kind == "done":
@@ -465,6 +490,10 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
             with gr.Row():
                 method = gr.Dropdown(METHOD_CHOICES, value="wanda", label="Method")
                 structure = gr.Radio(STRUCTURES, value="unstructured", label="Structure")
+                permute = gr.Checkbox(
+                    False, label="Channel permutation", info="RIA's, before N:M (ria, ria-row)"
+                )
+                refine = gr.Dropdown(REFINE_CHOICES, value="none", label="Refine the mask")
             speed_md = gr.Markdown(visible=False, elem_id="speed-note")
             with gr.Row():
                 layer_first = gr.Slider(0, shape.num_layers - 1, value=0, step=1, label="First pruned layer")
@@ -563,6 +592,8 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         **sliders,
         "method": method,
         "structure": structure,
+        "permute": permute,
+        "refine": refine,
         "layer_first": layer_first,
         "layer_last": layer_last,
         "calibration": calibration,
@@ -600,7 +631,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     _group(master, role_sliders + [attention, mlp]).then(**no_api(readout_event))
     _group(attention, [sliders[r] for r in ATTENTION_ROLES]).then(**no_api(readout_event))
     _group(mlp, [sliders[r] for r in MLP_ROLES]).then(**no_api(readout_event))
-    triggers = [c.input for c in [*role_sliders, method, structure, layer_first, layer_last]]
+    triggers = [c.input for c in [*role_sliders, method, structure, permute, refine, layer_first, layer_last]]
     gr.on(triggers, **readout_event)
     run_event = run_btn.click(
         prune_and_evaluate,
@@ -690,7 +721,7 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
         return engine.ensure(session, lambda e: emit("progress", e))
 
     try:
-        for kind, payload in engine.heavy(session, work):
+        for kind, payload in engine.heavy(session, work, None):
             if kind == "queue":
                 yield [waiting_text(payload)] + skip
             elif kind == "progress":

@@ -15,13 +15,18 @@ from prune.report import planned_counts
 from prune.roles import ATTENTION_ROLES, MLP_ROLES, ROLES
 
 METHOD_CHOICES = [(m.label, m.name) for m in METHODS.values()]
-STRUCTURES = ["unstructured", "2:4", "4:8"]
+# channels / depth remove whole units (heads and MLP channels, or decoder layers): the model shrinks
+STRUCTURES = ["unstructured", "2:4", "4:8", "channels", "depth"]
 CALIBRATION_CHOICES = ["c4", "wikitext2", "generated", "uploaded file"]
 EVAL_CHOICES = ["wikitext2", "c4", "uploaded file"]
 LAYER_SCHEDULE_CHOICES = [
     ("uniform: every layer alike", "uniform"),
     ("OWL: fewer pruned where outliers are (published mapping)", "owl"),
     ("OWL band: mean-band variant", "owl-band"),
+]
+REFINE_CHOICES = [
+    ("none: the method's mask", "none"),
+    ("DSnoT: prune-and-grow against the reconstruction error (calibrates)", "dsnot"),
 ]
 STATS_CHOICES = [
     ("cached: one dense pass, re-pruning is instant", "cached"),
@@ -69,6 +74,8 @@ class Controls:
     down: float = 50.0
     method: str = "wanda"
     structure: str = "unstructured"
+    permute: bool = False  # RIA's channel permutation (N:M with ria, ria-row)
+    refine: str = "none"  # "dsnot": DSnoT's prune-and-grow on the method's mask
     layer_schedule: str = "uniform"
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
@@ -193,6 +200,8 @@ def build_recipe(controls: Controls, shape: ModelShape) -> Recipe:
         device=shape.device,
         method=controls.method,
         structure=controls.structure,
+        permute=bool(controls.permute),
+        refine=controls.refine,
         sparsity=sparsity,
         layers=layer_range(controls, shape.num_layers),
         layer_schedule=controls.layer_schedule,
@@ -275,4 +284,6 @@ def recipe_summary(recipe: Recipe) -> str:
     calibration = (
         f", {cal.source} {cal.nsamples}x{cal.seqlen} {recipe.stats_mode}" if recipe.needs_statistics else ""
     )
-    return f"{recipe.method} {recipe.structure}: {sparsity}{layers}{calibration}"
+    method = recipe.method + (" + DSnoT" if recipe.refine == "dsnot" else "")
+    structure = recipe.structure + (" permuted" if recipe.permute else "")
+    return f"{method} {structure}: {sparsity}{layers}{calibration}"
