@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads (LLaMA-2 / TinyLlama shapes)
+    "tiny": (256, 2, 512, 4, 2),  # for dry runs (bench/gpu_check.py --dry-run)
     "llama-1b": (2048, 22, 5632, 32, 4),
     "llama2-7b": (4096, 32, 11008, 32, 32),
     "llama2-13b": (5120, 40, 13824, 40, 40),

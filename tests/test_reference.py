@@ -71,16 +71,16 @@ def test_sequential_wanda_equals_the_paper_procedure(smollm2):
 
 def test_wanda_and_sparsegpt_are_far_better_than_magnitude_at_50_percent(smollm2_lab):
     lab = smollm2_lab
-    spec = CalibrationSpec(source="c4", nsamples=16, seqlen=256, seed=0)
+    spec = CalibrationSpec(source="c4", nsamples=8, seqlen=128, seed=0)
     ppl = {}
     for method in ("wanda", "magnitude-row", "magnitude", "sparsegpt"):
         recipe = Recipe(
             sparsity=parse_sparsity("all=0.5"), method=method, stats_mode="cached", calibration=spec
         )
         lab.prune(recipe)
-        ppl[method] = lab.perplexity("wikitext2", seqlen=512, windows=3).perplexity
+        ppl[method] = lab.perplexity("wikitext2", seqlen=512, windows=2).perplexity
     lab.restore()
-    dense = lab.dense_perplexity("wikitext2", seqlen=512, windows=3).perplexity
+    dense = lab.dense_perplexity("wikitext2", seqlen=512, windows=2).perplexity
     assert dense < ppl["wanda"] < 0.5 * ppl["magnitude-row"], (dense, ppl)
     assert ppl["wanda"] < 0.5 * ppl["magnitude"], ppl
     assert dense < ppl["sparsegpt"] < 0.5 * ppl["magnitude"], ppl  # issue 11: SparseGPT, same calibration
