@@ -17,6 +17,8 @@ asked (a model's context may shorten them). Job kinds:
   the single study's series), every point pruned from the cached statistics of one calibration pass;
 - ``allocate``: the allocator's ``points`` held-out evaluations (0: the greedy alone, no model work);
 - ``generate``: ``new_tokens`` for the dense and the pruned answer (``quantize``: one kind's copies);
+- ``speed``: ``repeats`` rounds of a warm-up and a timed prompt plus ``new_tokens`` of greedy decode,
+  dense and pruned (``evaluation.speed.side_by_side``);
 - ``export``: the pruned state written as a model.
 """
 
@@ -30,7 +32,7 @@ from prune.errors import RecipeError
 from prune.recipe import Recipe
 
 STUDY_KINDS = ("single", "combined", "downstream")
-JOB_KINDS = ("prune", "run", "tasks", *STUDY_KINDS, "allocate", "generate", "export")
+JOB_KINDS = ("prune", "run", "tasks", *STUDY_KINDS, "allocate", "generate", "speed", "export")
 GROUP_SERIES = 3  # combined and downstream: attention only, MLP only, uniform
 
 
@@ -42,7 +44,7 @@ class JobSize:
     calibration_samples: int = 0  # calibration sequences it reads (0: none)
     calibration_seqlen: int = 0  # tokens per calibration sequence
     calibration_passes: int = 0  # forward passes over them (an OWL schedule's counted)
-    statistics: str = "none"  # what the passes keep: "norms", "hessian" or "none"
+    statistics: str = "none"  # what the passes keep: "norms", "moments", "hessian" or "none"
     stats_mode: str = "sequential"  # "cached": every layer's statistics kept at once
     eval_datasets: tuple[str, ...] = ()
     eval_windows: int | None = 0  # windows per evaluation; None: the whole test set
@@ -83,7 +85,7 @@ def calibration_passes(recipe: Recipe) -> int:
     schedule = recipe.schedules_layers()
     if not recipe.needs_statistics:
         return 1
-    shared = recipe.stats_mode == "cached" and recipe.method_spec.statistics == "norms"
+    shared = recipe.stats_mode == "cached" and recipe.statistics in ("norms", "moments")
     return 1 + int(schedule and not shared)
 
 
@@ -98,13 +100,16 @@ def job_size(
     roles: Sequence[str] = (),
     points: int = 0,
     new_tokens: int = 0,
+    repeats: int = 1,
 ) -> JobSize:
     """The work of running ``recipe`` as a job of ``kind`` (one of ``JOB_KINDS``; ``generate`` and
-    ``export`` work on a session's state and read no recipe: None will do)."""
+    ``speed`` and ``export`` work on a session's state and read no recipe: None will do)."""
     if kind not in JOB_KINDS:
         raise RecipeError(f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")
     if kind == "generate":
         return JobSize(kind, new_tokens=new_tokens, answers=2, quantized_copies=2 * len(quantize))
+    if kind == "speed":  # each round: a warm-up and a timed answer of each model
+        return JobSize(kind, new_tokens=new_tokens, answers=4 * repeats)
     if kind == "export":
         return JobSize(kind, saves_model=True)
     if recipe is None:
@@ -135,13 +140,12 @@ def job_size(
 def _calibration(recipe: Recipe) -> dict:
     if not recipe.calibrates:
         return {}
-    spec = recipe.method_spec
     return dict(
         calibration_samples=recipe.calibration.nsamples,
         calibration_seqlen=recipe.calibration.seqlen,
         calibration_passes=calibration_passes(recipe),
-        statistics=spec.statistics or "norms",  # no statistics of its own: the schedule's norms
-        stats_mode=recipe.stats_mode if spec.needs_statistics else "cached",
+        statistics=recipe.statistics or "norms",  # no statistics of its own: the schedule's norms
+        stats_mode=recipe.stats_mode if recipe.needs_statistics else "cached",
     )
 
 

@@ -233,6 +233,17 @@ def test_side_by_side_gives_two_different_answers(alice):
 
 
 @pytest.mark.model
+def test_speed_of_dense_and_pruned_side_by_side_says_unstructured_stays_dense(alice):
+    readout = alice.predict(api_name="/speed")
+    lines = readout.splitlines()
+    assert any(line.startswith("- prefill 128 tokens: dense ") and "tok/s" in line for line in lines), readout
+    assert any(line.startswith("- decode 16 tokens: dense ") for line in lines), readout
+    # Wanda 50% unstructured: same parameter count, and the page says why no speedup is expected
+    assert "parameters: dense 134,515,008, pruned 134,515,008 (1.00x)" in readout
+    assert "the pruned matrices stay dense" in readout
+
+
+@pytest.mark.model
 def test_exported_recipe_reproduces_the_run_through_the_cli(alice, server, tmp_path):
     files, recipe_json, _ = alice.predict(api_name="/export_recipe")
     exported = {Path(f).suffix: Path(f) for f in files}

@@ -21,6 +21,7 @@ from evaluation.generate import (
     stream,
 )
 from evaluation.quantized import FULL
+from evaluation.speed import side_by_side
 from prune.jobs import job_size
 from prune.state import DENSE
 from runtime.quantize import QUANT_KINDS
@@ -30,6 +31,7 @@ from ui.recipes import Defaults, recipe_summary
 from ui.sessions import Session
 
 PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # the box refuses more; the token limit is checked too
+SPEED = dict(prompt=128, new_tokens=16, repeats=3)  # the speed button: a short, fixed measurement
 EXAMPLES = [
     "What is the capital of France? Answer in one sentence.",
     "Explain in two sentences why the sky is blue.",
@@ -47,6 +49,13 @@ def settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat) -> Dec
         seed=int(seed),
         chat=bool(chat),
     )
+
+
+def need_pruned(engine: Engine, session: Session) -> None:
+    """A message right away when the session has nothing to compare with the original."""
+    engine.check_session(session)
+    if session.state is None:
+        raise gr.Error("Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first.")
 
 
 def make_generate(engine: Engine):
@@ -71,11 +80,7 @@ def make_generate(engine: Engine):
         engine.sessions.touch(session)
         # empty or too many tokens: a message right away, with the session's own tokenizer
         prompt_ids(engine.tokenizer(session), prompt, settings)
-        engine.check_session(session)
-        if session.state is None:
-            raise gr.Error(
-                "Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first."
-            )
+        need_pruned(engine, session)
 
         def work(emit):
             with engine.pruned(session) as pruned:
@@ -106,8 +111,31 @@ def make_generate(engine: Engine):
     return generate
 
 
+def make_speed(engine: Engine):
+    @user_errors
+    def speed(session: Session) -> Iterator[str]:
+        """Prefill and decode tokens/s, dense and this session's pruned model, in one job."""
+        size = job_size(None, "speed", new_tokens=SPEED["new_tokens"], repeats=SPEED["repeats"])
+        engine.hosting.limits.check(size)
+        engine.sessions.touch(session)
+        need_pruned(engine, session)
+
+        def work(emit):
+            with engine.pruned(session):  # the session's complete state, under the lab's lock
+                lab = engine.lab
+                emit("speed", side_by_side(lab, lab.state, **SPEED))
+
+        yield "Measuring dense and pruned, alternating..."
+        for kind, payload in engine.heavy(session, work, size):
+            if kind == "speed":
+                yield "\n".join(f"- {line}" for line in payload.lines())
+
+    return speed
+
+
 def build(engine: Engine, defaults: Defaults, session: gr.State) -> None:
     generate = make_generate(engine)
+    speed = make_speed(engine)
     gr.Markdown(
         "Both answers come from the **same model in memory**: the dense weights are swapped in for "
         "the original answer and your masks for the pruned one. Same prompt, decoding settings and seed."
@@ -142,3 +170,13 @@ def build(engine: Engine, defaults: Defaults, session: gr.State) -> None:
     event = dict(fn=generate, inputs=inputs, outputs=[dense, pruned, note], **HEAVY)
     button.click(**event, api_name="generate")
     prompt.submit(**event, api_name=False)
+    with gr.Accordion("Speed: dense vs pruned", open=False):
+        gr.Markdown(
+            f"Prefill ({SPEED['prompt']} tokens) and greedy decode ({SPEED['new_tokens']} tokens) "
+            f"tokens/s, median of {SPEED['repeats']} alternating rounds, warm-up excluded. Serving "
+            "engines no longer run sparse weights: unstructured and N:M models stay dense with zeros, "
+            "so only structured pruning (channels, depth) runs faster."
+        )
+        speed_button = gr.Button("Measure speed")
+        speed_readout = gr.Markdown()
+    speed_button.click(fn=speed, inputs=[session], outputs=[speed_readout], **HEAVY, api_name="speed")
