@@ -23,6 +23,7 @@ from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.state import DENSE, Masks, PrunedState
 from runtime.apply import snapshot_place
+from runtime.cache import LRU
 from runtime.memory import Workload, default_batch_size
 from runtime.models import LoadedModel, load, resolve_device
 from runtime.pruner import Pruner, PruneResult
@@ -70,12 +71,15 @@ class Measurement:
     eval_s: float
 
 
+DENSE_MEMO_ENTRIES = 32  # dense perplexities kept: a visitor varying windows cannot grow it
+
+
 class Lab:
     def __init__(self, loaded: LoadedModel, batch_size: int | None = None):
         self.loaded = loaded
         self.pruner = Pruner(loaded, batch_size)
         self.lock = threading.RLock()  # one job on the model at a time
-        self._dense_ppl: dict[tuple, PerplexityResult] = {}
+        self._dense_ppl: LRU = LRU(entries=DENSE_MEMO_ENTRIES)  # (dataset, seqlen, windows) -> result
         # "dense" / "pruned" -> (kind, the state it started from, copy, report): one copy of each
         self._quantized: dict[str, tuple] = {}
 

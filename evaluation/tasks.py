@@ -21,6 +21,7 @@ from pathlib import Path
 from prune.errors import RecipeError
 from prune.progress import Event, Progress, checkpoint, scaled, silent
 from prune.recipe import Recipe
+from runtime.cache import LRU, cap_folder
 from runtime.paths import cache_dir, data_dir
 from runtime.stream import input_device
 
@@ -42,7 +43,9 @@ TASK_COST: dict[str, tuple[int, float]] = {
     "openbookqa": (500, 44.0),
 }
 
-_dense_memory: dict[str, dict] = {}  # cache key -> one task's dense metrics
+DENSE_TASK_ENTRIES = 256  # one task's dense metrics each (a few hundred bytes)
+TASK_CACHE_BYTES = 16 << 20  # the folder of those metrics on disk
+_dense_memory = LRU(entries=DENSE_TASK_ENTRIES)  # cache key -> one task's dense metrics
 _task_objects: dict[tuple[str, str], object] = {}  # (data source, task) -> built lm-eval Task
 _managers: dict[str, object] = {}  # data source -> TaskManager
 
@@ -299,6 +302,7 @@ def _store_dense(key: str, result: dict, meta: dict) -> None:
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps({"key": meta, "result": result}, indent=1))
     partial.replace(path)
+    cap_folder(path.parent, TASK_CACHE_BYTES, "*.json")
 
 
 def dense_tasks(lab, names: list[str], limit: int | None, progress: Progress = silent) -> dict:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ class PackedState:
         return sum(bits.nbytes for bits, _ in self.bits.values())
 
 
+HISTORY_RUNS = 100  # runs a session's history table and plot keep (the oldest go first)
+
+
 @dataclass
 class Session:
     """What one browser tab (or API client) owns: its last recipe, pruned state and run history."""
@@ -83,7 +87,7 @@ class Session:
     masks_model: str | None = None  # the model its state belongs to
     token_ok: bool = True  # whether the host's Hugging Face token may be used for its model
     runs: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: deque[dict] = field(default_factory=lambda: deque(maxlen=HISTORY_RUNS))  # the newest runs
     last: dict | None = None  # the last run's result summary (what the API returns)
     studies: dict[str, Any] = field(default_factory=dict)  # study kind -> its last StudyResult
 
