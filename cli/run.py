@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,6 +111,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save", help="write the pruned model to this folder (safetensors that from_pretrained loads)"
     )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload the pruned model, its recipe, result and a model card to this hub repo "
+        "(the token of `hf auth login`); written to --save if given, else a temporary folder",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: make the repo private")
     p.add_argument("--save-recipe", help="write the effective recipe here (.json or .yaml)")
     p.add_argument("--save-calibration", help="write the calibration token ids used (safetensors)")
     p.add_argument("--calibration-ids", help="reuse calibration token ids from such a file")
@@ -200,7 +208,7 @@ def run(argv: list[str]) -> int:
         print(text, flush=True)  # the result is out before anything else can fail
         for line in summary(output):
             bar.message(line)
-        write_files(args, lab, recipe, ids, result.prune.state, text, bar)
+        write_files(args, lab, recipe, ids, result.prune.state, output, bar)
     return 0
 
 
@@ -214,11 +222,12 @@ def write_files(
     recipe: Recipe,
     ids: torch.Tensor | None,
     state: PrunedState,
-    text: str,
+    output: dict,
     bar: Bar,
 ) -> None:
     """What the flags ask to be written beside stdout, the pruned model last (the longest; where it
     went is said on stderr). A failure is one line and exit code 2, the result already printed."""
+    text = json.dumps(output, indent=2)
     files = [
         (args.output, "the JSON result", lambda path: Path(path).write_text(text)),
         (args.save_recipe, "the recipe", recipe.save),
@@ -236,8 +245,20 @@ def write_files(
                 write(path)
             except OSError as err:
                 raise OutputError(f"cannot write {what} to {path}: {err.strerror or err}") from None
-    if args.save:
+    if args.push_to_hub:
+        push(args, lab, state, output, bar)
+    elif args.save:
         bar.message(f"saved the pruned model to {lab.save(args.save, state, bar)}")
+
+
+def push(args: argparse.Namespace, lab: Lab, state: PrunedState, output: dict, bar: Bar) -> None:
+    """Write the folder a push uploads (into --save, or a temporary folder), then upload it."""
+    from runtime.hub import publish
+
+    with tempfile.TemporaryDirectory(prefix="pruning-lab-push-") as scratch:
+        folder = lab.export(args.save or Path(scratch) / "model", state, output, bar)
+        bar.message(f"pushing {folder.name} to the hub as {args.push_to_hub}")
+        bar.message(f"pushed: {publish(folder, args.push_to_hub, private=args.private)}")
 
 
 def summary(output: dict) -> list[str]:

