@@ -5,7 +5,6 @@ and publishing a written model folder to it."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from prune.errors import LabError
@@ -15,13 +14,24 @@ class HubError(LabError):
     """The hub refused or could not be reached for a push."""
 
 
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    """The hub the libraries will talk to: ``$HF_ENDPOINT`` (a mirror, a proxy) or huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co accepts a connection within ``timeout`` seconds."""
+    """Whether the hub answers an HTTP request within ``timeout`` seconds, through the proxies the
+    environment names (``HTTPS_PROXY`` and the like, as huggingface_hub's client honours them)."""
+    import httpx
+
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
+        httpx.head(f"{hub_endpoint()}/api/models", timeout=timeout, follow_redirects=False, trust_env=True)
+    except httpx.HTTPError:
         return False
+    return True  # any HTTP answer, even an error status, means the hub is there
 
 
 def go_offline_if_no_hub() -> bool:

@@ -255,7 +255,7 @@ def _not_found_message(name: str, err: Exception) -> str:
     return (
         f"could not load model {name!r}: it is not an offline alias ({offline}), not a local "
         f"folder, and the Hugging Face Hub did not serve it ({text}). Check the id, log in for "
-        "gated models (huggingface-cli login), or pass a local folder."
+        "gated models (hf auth login), or pass a local folder."
     )
 
 
