@@ -257,8 +257,23 @@ class Pruner:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         passes_before = self.calibration_passes
-        if recipe.structured:
-            return self._prune_structured(recipe, progress, ids, key)
+        run = self._prune_structured if recipe.structured else self._prune_weights
+        recipe, state, report, source, calib_info = run(recipe, progress, ids, key, timings)
+        timings["total_s"] = time.perf_counter() - start
+        progress(Event("prune", 1.0, "pruned"))
+        passes = self.calibration_passes - passes_before
+        return PruneResult(recipe, report, state, timings, source, passes, calib_info)
+
+    def _prune_weights(
+        self,
+        recipe: Recipe,
+        progress: Progress,
+        ids: torch.Tensor | None,
+        key: Hashable | None,
+        timings: dict,
+    ) -> tuple[Recipe, PrunedState, dict, str, dict]:
+        """Single weights zeroed (unstructured or N:M), from cached statistics, sequentially, or
+        from the weights alone; returns the recipe as run (an OWL schedule written out)."""
         recipe = self._scheduled(recipe, ids, timings, progress)  # OWL: per_layer written out
         calib_info: dict = {}
         roles, spec = self.loaded.roles, recipe.method_spec
@@ -313,23 +328,22 @@ class Pruner:
         if unreached:  # MoE experts no calibration token reached (scored by magnitude)
             calib_info["unreached_experts"] = unreached
         report = sparsity_report(self.loaded.model, roles, masks, recipe.sparsity_for)
-        timings["total_s"] = time.perf_counter() - start
-        progress(Event("prune", 1.0, "pruned"))
-        passes = self.calibration_passes - passes_before
-        return PruneResult(recipe, report, state, timings, source, passes, calib_info)
+        return recipe, state, report, source, calib_info
 
     def _prune_structured(
-        self, recipe: Recipe, progress: Progress, ids: torch.Tensor | None, key: Hashable | None
-    ) -> PruneResult:
+        self,
+        recipe: Recipe,
+        progress: Progress,
+        ids: torch.Tensor | None,
+        key: Hashable | None,
+        timings: dict,
+    ) -> tuple[Recipe, PrunedState, dict, str, dict]:
         """Whole units removed (the model is dense here): heads and channels by Wanda-sp from the
         cached dense statistics (whatever ``stats_mode`` says), or layers by block influence from
         one dense pass; then the model shrinks."""
-        start = time.perf_counter()
-        timings: dict[str, float] = {}
         progress(Event("calibration", 0.0, f"calibration data: {recipe.calibration.source}"))
         ids = self.calibration_ids(recipe.calibration) if ids is None else ids
         calib_info = calibration_info(recipe, ids)
-        passes_before = self.calibration_passes
         t = time.perf_counter()
         if recipe.structure == "channels":
             stats, source = self.cached_statistics(ids, scaled(progress, 0.0, 0.9))
@@ -350,10 +364,7 @@ class Pruner:
         numbers = structure.layers if structure.layers is not None else range(len(dense))
         kept = {old: lm.roles.layer_param_counts(lm.model, new) for new, old in enumerate(numbers)}
         report = removed_report(dense, kept, total, recipe.unit_rate)
-        timings["total_s"] = time.perf_counter() - start
-        progress(Event("prune", 1.0, "pruned"))
-        passes = self.calibration_passes - passes_before
-        return PruneResult(recipe, report, state, timings, source, passes, calib_info)
+        return recipe, state, report, source, calib_info
 
     def _scheduled(
         self, recipe: Recipe, ids: torch.Tensor | None, timings: dict, progress: Progress
