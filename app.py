@@ -1,6 +1,6 @@
 """Pruning lab, the web app: pick a model, set per-module sparsities, prune with Wanda, compare.
 
-    python app.py                      # the offline default model, http://127.0.0.1:7860
+    python app.py                      # the default model, http://127.0.0.1:7860
     python app.py --model gemma3-270m --data-dir ../shared/data --port 8000
 
 A thin front end: widgets become a ``Recipe``; ``evaluation.Lab`` does the work, exactly as
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from runtime.models import DEFAULT_MODEL, OFFLINE_MODELS
+from runtime.models import DEFAULT_MODEL, HUB_DEFAULT_MODEL, OFFLINE_MODELS
 from runtime.paths import CACHE_ENV
 from ui.host_config import add_flags, from_environment, startup_warnings
 
@@ -50,8 +50,8 @@ def parse_args(
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"model loaded at start: offline alias ({', '.join(OFFLINE_MODELS)}), hub id or local folder",
+        help=f"model loaded at start: offline alias ({', '.join(OFFLINE_MODELS)}), hub id or local "
+        f"folder (default: {HUB_DEFAULT_MODEL} on a Space or with the hub answering, else {DEFAULT_MODEL})",
     )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 ...")
     h = p.add_argument_group(
@@ -64,10 +64,13 @@ def parse_args(
 
 def hosting_from(args: argparse.Namespace, device_type: str):
     """The host's profile from flags (``ui.hosting``): local freedom unless public."""
-    from ui.hosting import Hosting, Limits, on_a_space
+    from runtime.hub import on_a_space
+    from ui.hosting import Hosting, Limits
 
     public = on_a_space() if args.public is None else args.public
     models = [m for m in (args.models or "").split(",") if m.strip()]
+    if not models and args.model == HUB_DEFAULT_MODEL:
+        models = [HUB_DEFAULT_MODEL, *OFFLINE_MODELS]  # the start model first, then the offline ones
     if public:
         hosting = Hosting.public_profile(models, device_type, allow_custom=args.allow_custom_models)
     else:
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
     from runtime import cache as prune_cache
-    from runtime.models import resolve_device
+    from runtime.models import default_model, resolve_device
     from runtime.paths import set_data_dir
     from ui.engine import Engine
     from ui.hosting import expand_user, zero_gpu
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         import spaces  # Gradio imported it first, and with it ZeroGPU's CUDA emulation here
 
         spaces.disable_gradio_auto_wrap()  # handlers stay here; their heavy jobs go to the GPU
+    args.model = args.model or default_model(offline)
     try:
         set_data_dir(args.data_dir)
         hosting = hosting_from(args, resolve_device(device).type)

@@ -1,7 +1,8 @@
 """Text datasets through `datasets`: the hub when online, a local data folder when offline.
 
 The offline folder mirrors the layout of the project's shared data (``wikitext-2-raw-v1/``,
-``c4/``); set it with ``--data-dir`` or ``$PRUNING_LAB_DATA``.
+``c4/``); set it with ``--data-dir`` or ``$PRUNING_LAB_DATA``. From the hub, exactly one file per
+split is fetched (``HUB_FILES``), into huggingface_hub's cache, where a later offline start finds it.
 """
 
 from __future__ import annotations
@@ -32,17 +33,11 @@ _LOCAL = {
 }
 
 
-def _load_json(path: Path) -> list[str]:
-    from datasets import load_dataset
-
-    return load_dataset("json", data_files=str(path), split="train")["text"]
-
-
 def _local(name: str, split: str, folder: Path) -> TextSource:
     for relative in _LOCAL[(name, split)]:
         path = folder / relative
         if path.exists():
-            return TextSource(_load_json(path), f"{name} {split} ({path})")
+            return TextSource(_rows(path), f"{name} {split} ({path})")
     if (name, split) == ("c4", "validation"):
         train = _local("c4", "train", folder)
         note = (
@@ -54,24 +49,46 @@ def _local(name: str, split: str, folder: Path) -> TextSource:
     raise DataError(f"{name} {split} split not found offline: looked for {wanted}")
 
 
-def _hub(name: str, split: str) -> TextSource:
-    from datasets import load_dataset
+@dataclass(frozen=True)
+class HubFile:
+    """One data file of a dataset repository on the hub: what is downloaded, nothing more."""
 
+    repo_id: str
+    config: str  # the dataset's config the file belongs to (its folder in the repo)
+    filename: str  # the path inside the repo
+
+
+# The files the Wanda / SparseGPT reference code reads: WikiText-2 raw from its current home
+# (the bare ``wikitext`` id is legacy), C4 English as ONE shard of each split (the whole of C4 is
+# hundreds of GB; the shard names are the reference's ``get_c4``).
+HUB_FILES = {
+    ("wikitext2", "test"): HubFile(
+        "Salesforce/wikitext", "wikitext-2-raw-v1", "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+    ),
+    ("wikitext2", "train"): HubFile(
+        "Salesforce/wikitext", "wikitext-2-raw-v1", "wikitext-2-raw-v1/train-00000-of-00001.parquet"
+    ),
+    ("c4", "train"): HubFile("allenai/c4", "en", "en/c4-train.00000-of-01024.json.gz"),
+    ("c4", "validation"): HubFile("allenai/c4", "en", "en/c4-validation.00000-of-00008.json.gz"),
+}
+
+
+def _hub(name: str, split: str) -> TextSource:
+    """The one file through huggingface_hub's cache (``hf_hub_download``): downloaded once online;
+    with ``HF_HUB_OFFLINE`` (set when the hub does not answer) the cached copy, if there is one."""
+    from huggingface_hub import hf_hub_download
+
+    spec = HUB_FILES[(name, split)]
     try:
-        if name == "wikitext2":
-            data = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
-        else:
-            shard = {
-                "train": "en/c4-train.00000-of-01024.json.gz",
-                "validation": "en/c4-validation.00000-of-00008.json.gz",
-            }[split]
-            data = load_dataset("allenai/c4", data_files={split: shard}, split=split)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types for "unreachable"
+        path = hf_hub_download(spec.repo_id, spec.filename, repo_type="dataset")
+    except Exception as err:  # noqa: BLE001 - offline, not found, refused: all one message here
+        reason = (str(err).splitlines() or [""])[0][:200]
         raise DataError(
-            f"could not load {name} {split} from the Hugging Face Hub ({type(err).__name__}: "
-            f"{str(err)[:200]}). Offline, point --data-dir (or $PRUNING_LAB_DATA) at a data folder."
+            f"could not load {name} {split} ({spec.repo_id}, {spec.filename}) from the Hugging Face "
+            f"Hub or its cache ({type(err).__name__}: {reason}). Offline, point --data-dir "
+            "(or $PRUNING_LAB_DATA) at a data folder."
         ) from None
-    return TextSource(data["text"], f"{name} {split} (hub)")
+    return TextSource(_rows(Path(path)), f"{name} {split} ({spec.repo_id} {spec.config}, hub)")
 
 
 def load_texts(name: str, split: str) -> TextSource:
@@ -84,24 +101,35 @@ def load_texts(name: str, split: str) -> TextSource:
 
 def load_file(path: str | Path) -> TextSource:
     """A user's text: .txt (whole file), .jsonl/.json (a "text" field) or .parquet (a "text" column)."""
-    from datasets import load_dataset
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".txt", ".text", ".md", ".raw"):
+    if _suffix(path) in (".txt", ".text", ".md", ".raw"):
         return TextSource([path.read_text(encoding="utf-8", errors="replace")], str(path))
-    builder = {
-        ".jsonl": "json",
-        ".json": "json",
-        ".jsonl.gz": "json",
-        ".json.gz": "json",
-        ".parquet": "parquet",
-    }.get(suffix)
+    return TextSource(_rows(path), str(path))
+
+
+_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+}
+
+
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+
+
+def _rows(path: Path) -> list[str]:
+    """The "text" of every row of a json lines (plain or gzip) or parquet file, read by `datasets`."""
+    from datasets import load_dataset
+
+    builder = _BUILDERS.get(_suffix(path))
     if builder is None:
-        raise DataError(f"unsupported file type {suffix!r}; use .txt, .jsonl, .json or .parquet")
+        raise DataError(f"unsupported file type {_suffix(path)!r}; use .txt, .jsonl, .json or .parquet")
     data = load_dataset(builder, data_files=str(path), split="train")
     if "text" not in data.column_names:
-        raise DataError(f"{path} has no 'text' field (fields: {', '.join(data.column_names)})")
-    return TextSource(data["text"], str(path))
+        raise DataError(f"{path.name} has no 'text' field (fields: {', '.join(data.column_names)})")
+    return list(data["text"])

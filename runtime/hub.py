@@ -34,9 +34,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True  # any HTTP answer, even an error status, means the hub is there
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it ("1", "ON", "YES" or "TRUE", any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def on_a_space() -> bool:
+    """A Hugging Face Space sets ``SPACE_ID`` in every Space's environment."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
 def go_offline_if_no_hub() -> bool:
     """Set HF_HUB_OFFLINE when the hub is unreachable (before transformers reads it). True if offline."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_offline():
         return True
     if hub_reachable():
         return False

@@ -22,6 +22,7 @@ from torch import nn
 
 from prune.errors import LabError
 from prune.roles import RoleMap, Target, UnsupportedArchitecture, role_map
+from runtime.hub import on_a_space
 from runtime.memory import MemoryPlan, Workload, context_length, plan_for_source
 from runtime.paths import cache_dir
 from runtime.stream import LayerStream, on_device, window_logits
@@ -69,7 +70,16 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         "google/gemma-3-270m",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the offline default
+HUB_DEFAULT_MODEL = OFFLINE_MODELS[DEFAULT_MODEL].hub_id  # the default with a hub (safetensors)
+
+
+def default_model(offline: bool) -> str:
+    """What a start without a model loads: on a Space or with the hub answering, the hub's
+    SmolLM2-135M-Instruct in its original safetensors (a Space preloads it into the hub cache with
+    the README's ``preload_from_hub``, so it loads from there even when the hub is down); offline
+    elsewhere, the PyPI GGUF. ``offline``: what ``runtime.hub.go_offline_if_no_hub`` found."""
+    return HUB_DEFAULT_MODEL if on_a_space() or not offline else DEFAULT_MODEL
 
 
 @dataclass

@@ -82,7 +82,7 @@ class Engine:
                 if self.offline and name not in OFFLINE_MODELS and not Path(name).expanduser().is_dir():
                     raise ModelLoadError(
                         f"{err} This server cannot reach the Hugging Face Hub, so only the offline models "
-                        f"({', '.join(OFFLINE_MODELS)}) and local folders load here."
+                        f"({', '.join(OFFLINE_MODELS)}), local folders and models in the hub cache load here."
                     ) from None
                 raise
             old, self.lab = self.lab, lab

@@ -132,7 +132,13 @@ SETTINGS: tuple[Setting, ...] = (
         "visitors choose only the host's models; every request is limited",
         "on when `SPACE_ID` is set (a Space)",
     ),
-    Setting("models", "--models", "text", "the models visitors may choose (public)", "the offline aliases"),
+    Setting(
+        "models",
+        "--models",
+        "text",
+        "the models visitors may choose (public)",
+        "the offline aliases, after the hub's SmolLM2 when that is the start model",
+    ),
     Setting(
         "allow_custom_models",
         "--allow-custom-models",

@@ -233,10 +233,6 @@ def expand_user(name: str) -> str:
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
-def on_a_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))
-
-
 def zero_gpu() -> bool:
     """ZeroGPU hardware: the platform's flag, read as the ``spaces`` package reads it
     (``spaces/config.py``: "1", "t" or "true"), and that package importable. Other Spaces, a

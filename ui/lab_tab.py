@@ -671,7 +671,11 @@ def data_line(engine: Engine) -> str:
         data = "offline data"  # no server paths for visitors
     else:
         data = f"offline data folder `{folder}`" if folder else "datasets from the Hugging Face Hub"
-    hub = "hub unreachable: offline models and local folders only" if engine.offline else "hub reachable"
+    hub = (
+        "hub unreachable: offline models, local folders and the hub cache only"
+        if engine.offline
+        else "hub reachable"
+    )
     return f"Data: {data} · {hub}"
 
 

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from evaluation.lab import Lab
+from runtime.models import HUB_DEFAULT_MODEL
 from ui.recipes import ModelShape
 
 OFFLINE_CHOICES = [
     ("SmolLM2-135M-Instruct (offline)", "smollm2-135m-instruct"),
     ("Gemma-3-270M (offline)", "gemma3-270m"),
 ]
+HUB_CHOICES = [("SmolLM2-135M-Instruct (hub, safetensors)", HUB_DEFAULT_MODEL)]
 HUB_MODELS = [
     "HuggingFaceTB/SmolLM2-360M-Instruct",
     "HuggingFaceTB/SmolLM2-1.7B-Instruct",
@@ -23,7 +25,7 @@ HUB_MODELS = [
     "meta-llama/Meta-Llama-3-8B",
     "mistralai/Mistral-7B-v0.1",
 ]
-MODEL_CHOICES = OFFLINE_CHOICES + [(name, name) for name in HUB_MODELS]
+MODEL_CHOICES = OFFLINE_CHOICES + HUB_CHOICES + [(name, name) for name in HUB_MODELS]
 KNOWN_MODELS = 16  # the allow-list bounds it on a public host; this bounds it anywhere
 
 
