@@ -168,24 +168,28 @@ class Received:
             self.files.append((source, path))
 
     def hits(self, needle: str) -> tuple[int, list[str]]:
-        """How often ``needle`` occurs in everything received, and where (the first few sources, the
-        first text hit with its context)."""
+        """How often ``needle`` occurs in everything received, and where (the first few sources, each
+        source's first text hit with its context)."""
         raw = needle.encode()
-        count, where = 0, []
+        count, where, seen = 0, [], set()
         for source, text in self.texts:
             if n := text.count(raw):
-                if not count:
+                count += n
+                if source not in seen:
+                    seen.add(source)
                     at = text.find(raw)
-                    source += f" ...{text[max(0, at - 70) : at + len(raw) + 30].decode(errors='replace')!r}"
-                count, where = count + n, where + [source]
+                    context = text[max(0, at - 70) : at + len(raw) + 30].decode(errors="replace")
+                    where.append(f"{source} ...{context!r}")
         for source, path in self.files:
             n, parts = file_hits(path, raw)
             if n:
                 count, where = count + n, where + [f"{source}: {path.name} {parts}"]
-        return count, list(dict.fromkeys(where))[:6]
+        return count, where[:8]
 
-    def volume(self) -> tuple[int, int, int]:
-        return len(self.texts), len(self.files), sum(p.stat().st_size for _, p in self.files)
+    def volume(self) -> str:
+        logs = sum(source.endswith("(log)") for source, _ in self.texts)
+        size = sum(p.stat().st_size for _, p in self.files) / 2**20
+        return f"{len(self.texts)} texts ({logs} logs) and {len(self.files)} files ({size:.0f} MB)"
 
 
 def stream_hits(stream, needle: bytes, chunk: int = 1 << 22) -> int:
@@ -260,9 +264,10 @@ class Visitor:
             log = getattr(updates.get_nowait(), "log", None)
             if log:
                 logs.append(log[0])
-        got = [reply.value, reply.error, reply.failure, job.outputs(), logs]
+        got = [reply.value, reply.error, reply.failure, job.outputs()]
         self.received.add(source, got)
-        reply.said = "\n".join(texts_of(got))
+        self.received.add(f"{source} (log)", logs)
+        reply.said = "\n".join(texts_of([got, logs]))
 
     def cancel(self, job, timeout: float = 60.0) -> float:
         """Send /cancel and return the seconds until ``job`` has ended (inf: not within ``timeout``)."""
@@ -589,7 +594,7 @@ def check_burst(url: str, received: Received, timeout: float = 240.0) -> list[Ch
             b_reply.ok and waited <= ADMITTED * job_s + 1.0,
             f"started {waited:.1f} s after it was sent; one of A's jobs runs {job_s:.1f} s "
             f"({waited / job_s:.2f} jobs; target <= {ADMITTED}: behind A's running and waiting job only, "
-            f"not its burst); {b_reply.outcome()}",
+            f"not its burst); {'finished' if b_reply.ok else b_reply.outcome()}",
         )
     )
     return checks
@@ -756,7 +761,7 @@ def check_sentinel(received: Received, setup: Setup) -> list[Check]:
     """No byte any visitor got names the sentinel folders (nor the real folders their links lead to)."""
     from app_server import REAL_CACHE
 
-    texts, files, size = received.volume()
+    volume = received.volume()
     needles = {
         "the sentinel": setup.sentinel,
         "the real data folder": str(setup.real_data),
@@ -769,8 +774,7 @@ def check_sentinel(received: Received, setup: Setup) -> list[Check]:
             Check(
                 f"server paths: {what}",
                 count == 0,
-                f"{count} hits (target 0) in {texts} texts and {files} files ({size / 2**20:.0f} MB) "
-                f"a visitor got" + (f"; in: {where}" if where else ""),
+                f"{count} hits (target 0) in {volume} visitors got" + (f"; in: {where}" if where else ""),
             )
         )
     return checks
