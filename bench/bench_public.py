@@ -1,7 +1,7 @@
 """Load-and-fault test of a ``--public`` app on loopback (issues 9 and 19), bounded in count and time.
 
     python bench/bench_public.py --data-dir ../shared/data                 # friendly, ~10 min, 2 CPU cores
-    python bench/bench_public.py --phase hostile --data-dir ../shared/data  # hostile, ~6 min
+    python bench/bench_public.py --phase hostile --data-dir ../shared/data  # hostile, ~4 min
     python bench/bench_public.py --phase all                                # both, one after the other
 
 The friendly phase (``--phase friendly``, the default; bench/results/public.txt):

@@ -1,5 +1,5 @@
 """The hostile phase of ``bench/bench_public.py`` (issue 19): visitors who try to take memory, time or
-information from the others, on loopback, bounded in count and time (about 6 min on 2 CPU cores).
+information from the others, on loopback, bounded in count and time (about 4 min on 2 CPU cores).
 
     python bench/bench_public.py --phase hostile --data-dir ../shared/data
 
