@@ -1,13 +1,21 @@
-"""Load-and-fault test of a ``--public`` app on loopback (issue 9), bounded in count and time.
+"""Load-and-fault test of a ``--public`` app on loopback (issues 9 and 19), bounded in count and time.
 
-    python bench/bench_public.py --data-dir ../shared/data   # ~5 min on a shared 2-core CPU
+    python bench/bench_public.py --data-dir ../shared/data                 # friendly, ~10 min, 2 CPU cores
+    python bench/bench_public.py --phase hostile --data-dir ../shared/data  # hostile, ~4 min
+    python bench/bench_public.py --phase all                                # both, one after the other
+
+The friendly phase (``--phase friendly``, the default; bench/results/public.txt):
 
 Starts ``app.py --public`` with SmolLM2 and a tiny random-weight model in a local folder as the
 two choices, then 8 simulated visitors (``gradio_client``, each its own session) run ROUNDS rounds
 mixing cached prunes, generation, cancels, model switches and bad inputs. Prints requests served,
 errors by kind, readout latency (p50/p95) while a heavy job runs, resident memory after 50 sessions
 opened and expired, export files left after expiry, lock-free time after every cancel, and whether
-every visitor's results and "original" answers stayed its own. Nothing leaves 127.0.0.1.
+every visitor's results and "original" answers stayed its own. The hostile phase (issue 19,
+``bench/public_hostile.py``; bench/results/public_hostile.txt) is visitors who try to take memory,
+time or information from the others: oversized jobs, a burst of jobs, 60 idle sessions under a
+state budget, inflating and URL uploads, a sentinel server path searched for in every byte they get.
+Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -25,17 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from public_hostile import hostile, rss_mb  # noqa: E402 - after the paths it needs
+
 SMALL = dict(nsamples=4, seqlen=128, eval_windows=2, eval_seqlen=128, calibration_file=None, eval_file=None)
 HEAVY = dict(SMALL, nsamples=16, seqlen=256, eval_windows=6, eval_seqlen=512)
 DECODE = dict(max_new_tokens=8, greedy=True, temperature=0.7, top_p=0.9, seed=0, chat=True)
 PROMPT = "What is the capital of France?"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def app_pid(server) -> int:
@@ -47,11 +50,27 @@ def main() -> int:
     p.add_argument(
         "--data-dir", default=os.environ.get("PRUNING_LAB_DATA") or str(ROOT.parent / "shared/data")
     )
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--visitors", type=int, default=8)
-    p.add_argument("--sessions", type=int, default=50)
-    p.add_argument("--budget-s", type=float, default=600, help="stop starting new rounds after this")
+    p.add_argument("--phase", choices=["friendly", "hostile", "all"], default="friendly")
+    p.add_argument("--rounds", type=int, default=3, help="friendly: rounds per visitor")
+    p.add_argument("--visitors", type=int, default=8, help="friendly: simultaneous visitors")
+    p.add_argument("--sessions", type=int, default=50, help="friendly: sessions opened and expired")
+    p.add_argument(
+        "--budget-s", type=float, default=600, help="friendly: stop starting new rounds after this"
+    )
+    p.add_argument(
+        "--inflate-mb", type=int, default=256, help="hostile: MB of text the small parquet upload decodes to"
+    )
     args = p.parse_args()
+    failed = 0
+    if args.phase in ("friendly", "all"):
+        failed += friendly(args)
+    if args.phase in ("hostile", "all"):
+        failed += hostile(args.data_dir, args.inflate_mb)
+    return 1 if failed else 0
+
+
+def friendly(args: argparse.Namespace) -> int:
+    """8 visitors x 3 rounds, then sessions opened and expired (the module docstring)."""
     os.environ["PRUNING_LAB_DATA"] = args.data_dir
 
     from app_server import start
