@@ -31,6 +31,16 @@ CSS = """
            background: var(--block-background-fill); }
 .readout h3 { margin: 4px 0 !important; }
 .model-info table { font-size: 0.95em; }
+#what-is-happening { border-left: 6px solid var(--secondary-400); padding-left: 12px; }
+#what-is-happening h3 { margin: 0 0 2px !important; }
+#what-is-happening p { font-size: var(--text-md) !important; line-height: 1.45 !important;
+                       margin: 0 0 6px !important; }
+#memory-plan summary { cursor: pointer; }
+#memory-plan details { overflow-x: auto; }
+#memory-plan table { font-size: 0.9em; margin: 4px 0; }
+#memory-plan table, #memory-plan td { word-break: normal !important; overflow-wrap: normal !important; }
+#memory-plan td { padding: 2px 8px !important; }
+#memory-plan td.size, #memory-plan td.place { white-space: nowrap; text-align: right; }
 h1 { margin-bottom: 0 !important; }
 """
 

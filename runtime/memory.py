@@ -490,12 +490,6 @@ class MemoryPlan:
         }
 
 
-def gib(count: int) -> str:
-    """Bytes in GiB as people read them: 14.2, 0.53."""
-    value = count / GiB
-    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
 def size_text(count: int) -> str:
     """Bytes with a unit people read: 14.2 GiB, 0.53 GiB; MiB or KiB below 0.01 GiB (tiny models)."""
     unit, scale = (

@@ -7,6 +7,7 @@ windows among them fill the table as they arrive.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from functools import partial
 
@@ -88,13 +89,31 @@ ROLE_INFO = {
 }
 
 
+# Read aloud in a classroom: what the page does, in the words of its controls.
+WHAT_IS_HAPPENING = """\
+### What is happening
+**Wanda** gives every weight a score, **S<sub>ij</sub> = |W<sub>ij</sub>| · ‖X<sub>j</sub>‖<sub>2</sub>**:
+its size times the strength (L2 norm) of its input X<sub>j</sub> over the calibration tokens.
+In each output row, the weights with the lowest scores are set to zero, as many as the slider asks.
+Nothing is retrained.
+
+**Perplexity** (lower is better) is exp of the mean next-token loss on WikiText-2 or C4 windows,
+about how many tokens the model hesitates between. **Task accuracy** (Downstream tab) is the share
+of multiple-choice questions where the model ranks the right answer first; chance differs per task
+(50 % with two choices, 25 % with four).
+
+**The text changes** because zeroed weights change the next-token probabilities: greedy decoding
+takes the likeliest token, so after the first different choice the answer goes its own way.
+"""
+
+
 # ----- model ---------------------------------------------------------------------------------------
 def model_markdown(engine: Engine, session: Session | None = None) -> str:
-    """Parameters, per-role counts, device, dtype and memory of the session's model."""
+    """Parameters, per-role counts, device and dtype of the session's model (its memory is in the
+    plan above it)."""
     if engine.lab is None:
         return "No model loaded."
     info = engine.info(session)
-    mem = info["memory"]
     rows = "\n".join(
         f"| {role} | {info['layer_role_parameters'][role] / 1e6:.2f} M | {count / 1e6:.1f} M |"
         for role, count in info["role_parameters"].items()
@@ -104,10 +123,7 @@ def model_markdown(engine: Engine, session: Session | None = None) -> str:
     return (
         f"**{engine.hosting.display(info['name'])}** · {info['architecture']}, {info['layers']} layers · "
         f"**{millions(info['parameters'])} parameters** · {info['device']} · {info['dtype']}"
-        f"{dtype_note(info)}\n\n"
-        f"Memory: weights {mem['weights_bytes'] / 2**30:.2f} GiB on {info['device']} + dense copy "
-        f"{mem['dense_copy_bytes'] / 2**30:.2f} GiB ({mem['dense_copy_on']}, makes pruning reversible) + "
-        f"{mem['session_masks_bytes'] / 2**20:.0f} MiB of masks per session{absent}\n\n"
+        f"{dtype_note(info)}{absent}\n\n"
         f"| role | per layer | all layers |\n|---|---|---|\n{rows}"
     )
 
@@ -138,8 +154,9 @@ def dtype_note(info: dict) -> str:
 
 def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
     """The memory plan for model ``name`` on this server's device, with ``recipe``'s calibration and
-    evaluation, from the model's config alone (no weights); empty when there is none to show: a
-    model not offered here, an offline model not converted yet, a hub id without the hub."""
+    evaluation, from the model's config alone (no weights): the choice and its total on two lines,
+    what goes where folded away; empty when there is none to show: a model not offered here, an
+    offline model not converted yet, a hub id without the hub."""
     try:
         source, token_ok = engine.hosting.resolve(name)
         config = config_source(source)
@@ -148,20 +165,34 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
         device = resolve_device(engine.device)
         sessions = max(1, engine.sessions.live())
         workload = memory.Workload.for_recipe(recipe, memory.default_batch_size(device), sessions)
-        dtype, why = choose_dtype(engine.dtype, device)
+        dtype, _ = choose_dtype(engine.dtype, device)
         plan = memory.plan_for_source(config, dtype, device, workload, token=None if token_ok else False)
     except memory.ConfigUnavailable:
         return ""
     except memory.MemoryPlanError as err:
-        return f"**Memory plan:** this model does not fit here: {err}"
+        return f"**Memory plan:** this model does not fit here: {unbroken(str(err))}"
     except LabError:
         return ""
-    rows = "\n".join(f"| {memory.gib(r.bytes)} | {r.where} | {r.item} |" for r in plan.rows if r.counted)
-    return (
-        f"**Memory plan:** {plan.headline()}  \n<small>{plan.reason}; weights in "
-        f"{str(dtype).replace('torch.', '')} ({why})</small>\n\n"
-        f"| GiB | where | for |\n|--:|---|---|\n{rows}\n\n<small>Total: {plan.totals_text()}</small>"
+    rows = "".join(
+        f'<tr><td class="size">{unbroken(memory.size_text(r.bytes))}</td><td class="place">{r.where}</td>'
+        f"<td>{unbroken(r.item)}</td></tr>"
+        for r in plan.rows
+        if r.counted
     )
+    return (
+        f"**Memory plan:** {plan.headline()}  \n<small>{unbroken(plan.reason)}</small>\n\n"
+        f"<details><summary>What it holds, where</summary><table><tbody>{rows}</tbody></table>"
+        f"<small>Total: {unbroken(plan.totals_text())}; weights in "
+        f"{str(dtype).replace('torch.', '')}.</small></details>"
+    )
+
+
+UNIT = re.compile(r"(\d) (GiB|MiB|KiB|B)\b")
+
+
+def unbroken(text: str) -> str:
+    """Sizes that cannot wrap between number and unit (a no-break space): '1.2\u00a0GiB'."""
+    return UNIT.sub("\\1\u00a0\\2", text)
 
 
 def make_plan_handler(engine: Engine):
@@ -450,6 +481,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     measure_speed = make_speed_handler(engine)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
+            gr.Markdown(WHAT_IS_HAPPENING, elem_id="what-is-happening")
             gr.Markdown("## 1 · Model")
             model_choice, model_text = model_widgets(engine, shape.name)
             load_btn = gr.Button("Load model", variant="secondary")
@@ -463,7 +495,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
                 memory_plan_markdown(engine, shape.name, build_recipe(start, shape)), elem_id="memory-plan"
             )
             model_md = gr.Markdown(model_markdown(engine), elem_classes=["model-info"])
-        with gr.Column(scale=3, min_width=480):
+        with gr.Column(scale=3, min_width=480, elem_id="controls-column"):
             gr.Markdown("## 2 · Sparsity per module")
             with gr.Row():
                 master = _slider("All roles", 50, info="and the level of the presets below")
