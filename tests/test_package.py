@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import socket
 import subprocess
 import sys
@@ -52,6 +53,10 @@ def venv(tmp_path_factory) -> Path:
         [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "venv")],
         check=True,
     )
+    # Run from a venv, --system-site-packages reaches the base interpreter's packages, not the venv's
+    # (the lowest-torch run does that): a .pth line adds the running interpreter's own.
+    (site_packages,) = (root / "venv" / "lib").glob("python3*/site-packages")
+    (site_packages / "running.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     python = root / "venv" / "bin" / "python"
     install = [
         str(python),
