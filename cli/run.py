@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -253,12 +252,9 @@ def write_files(
 
 def push(args: argparse.Namespace, lab: Lab, state: PrunedState, output: dict, bar: Bar) -> None:
     """Write the folder a push uploads (into --save, or a temporary folder), then upload it."""
-    from runtime.hub import publish
-
-    with tempfile.TemporaryDirectory(prefix="pruning-lab-push-") as scratch:
-        folder = lab.export(args.save or Path(scratch) / "model", state, output, bar)
-        bar.message(f"pushing {folder.name} to the hub as {args.push_to_hub}")
-        bar.message(f"pushed: {publish(folder, args.push_to_hub, private=args.private)}")
+    bar.message(f"pushing the pruned model to the hub as {args.push_to_hub}")
+    url = lab.push(args.push_to_hub, state, output, private=args.private, folder=args.save, progress=bar)
+    bar.message(f"pushed: {url}")
 
 
 def summary(output: dict) -> list[str]:

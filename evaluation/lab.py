@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from evaluation.perplexity import PerplexityResult, perplexity
+from evaluation.share import display, shareable, shareable_recipe
 from prune.progress import Event, Progress, scaled, silent
 from prune.recipe import CalibrationSpec, Recipe, RecipeError
 from prune.state import DENSE, Masks, PrunedState
@@ -264,17 +266,47 @@ class Lab:
             return save_model(self.loaded, folder, progress)
 
     def export(
-        self, folder: str | os.PathLike, state: PrunedState, output: dict, progress: Progress = silent
+        self,
+        folder: str | os.PathLike,
+        state: PrunedState,
+        output: dict,
+        progress: Progress = silent,
+        shown: str | None = None,
     ) -> Path:
-        """The folder a hub push uploads: the model in ``state`` (``save``), ``recipe.json``,
-        ``pruning_result.json`` (``output``: the run's result) and the model card (``README.md``)."""
+        """The folder a hub push uploads and the app's model zip holds: the model in ``state``
+        (``save``), ``recipe.json`` and ``pruning_result.json`` (``output``: the run's result, as
+        the CLI prints it) as they may leave the server (``evaluation.share``: the model named
+        ``shown``, default its display name; no server folder) and the model card (``README.md``)."""
         from evaluation.card import model_card
 
+        shown = shown or display(self.loaded.name)
+        output = shareable(output, self.loaded.name, shown)
         path = self.save(folder, state, progress)
-        state.recipe.save(path / "recipe.json")
-        (path / "pruning_result.json").write_text(json.dumps(output, indent=2))
+        shareable_recipe(state.recipe, shown).save(path / "recipe.json")
+        (path / "pruning_result.json").write_text(json.dumps(output, indent=2, default=str))
         model_card(output, self.base_model_id(), path.name).save(path / "README.md")
         return path
+
+    def push(
+        self,
+        repo_id: str,
+        state: PrunedState,
+        output: dict,
+        *,
+        token: str | None = None,
+        private: bool = False,
+        folder: str | os.PathLike | None = None,
+        shown: str | None = None,
+        progress: Progress = silent,
+    ) -> str:
+        """``export`` into ``folder`` (None: a temporary one, removed after) and upload it as the
+        model repo ``repo_id`` with ``token`` (None: the usual login); the repo's URL. The CLI's
+        ``--push-to-hub`` and the app's Push button both push through here."""
+        from runtime.hub import publish
+
+        with tempfile.TemporaryDirectory(prefix="pruning-lab-push-") as scratch:
+            path = self.export(folder or Path(scratch) / "model", state, output, progress, shown)
+            return publish(path, repo_id, private=private, token=token)
 
     def base_model_id(self) -> str | None:
         """The hub id the model came from: an offline alias's origin, a hub id itself, else None."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.lab import Lab, versions
+from evaluation.share import scrub, shareable
 from prune.errors import LabError, RecipeError
 from prune.jobs import JobSize, job_size
 from prune.progress import Event, Progress, checkpoint, scaled, silent
@@ -177,6 +178,16 @@ class StudyResult:
             "versions": versions(),
             "points": [p.to_dict() for p in self.points],
         }
+
+
+def shareable_study(result: StudyResult, model: str, shown: str) -> StudyResult:
+    """The study as it may leave the server (``evaluation.share.shareable``): its model info and
+    every point's recipe name the model ``shown``, with no server folder; for downloads and plots."""
+    points = [
+        dataclasses.replace(p, recipe=shareable(p.recipe, model, shown), stats_source=scrub(p.stats_source))
+        for p in result.points
+    ]
+    return dataclasses.replace(result, model=shareable(result.model, model, shown), points=points, files={})
 
 
 # ----- which points a study measures ---------------------------------------------------------------

@@ -54,18 +54,20 @@ def go_offline_if_no_hub() -> bool:
     return True
 
 
-def publish(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Upload a written folder as the model repo ``repo_id`` (made if missing), with the token of
-    the usual login (``hf auth login`` or ``$HF_TOKEN``); the repo's URL."""
+def publish(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload a written folder as the model repo ``repo_id`` (made if missing), with ``token`` (a
+    visitor's own, from the app's login) or else the usual login (``hf auth login``, ``$HF_TOKEN``);
+    the repo's URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi()
+    api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message="Pruned with the Pruning Lab"
         )
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise HubError(f"could not push to {repo_id}: {err} (log in with `hf auth login`)") from None
+        login = "log in with Hugging Face again" if token else "log in with `hf auth login`"
+        raise HubError(f"could not push to {repo_id}: {err} ({login})") from None
     return str(url)

@@ -284,7 +284,7 @@ def test_exported_model_zip_holds_the_pruned_weights(alice, tmp_path):
     assert (q0 == 0).float().mean().item() == pytest.approx(0.3, abs=2e-3)
     assert (down0 == 0).float().mean().item() == pytest.approx(0.7, abs=2e-3)
     pruned = sum(int((w == 0).sum()) for k, w in weights.items() if k.endswith("proj.weight"))
-    assert pruned >= summary["report"]["pruned"]  # the masks' zeros (plus any exact zeros of the model)
+    assert pruned >= summary["prune"]["report"]["pruned"]  # the masks' zeros (and any exact zeros)
 
 
 @pytest.mark.model

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from evaluation import studies
+from evaluation.share import scrub, scrub_paths
 from prune.errors import Cancelled
 from prune.jobs import JobSize, job_size
 from prune.progress import CancelToken, cancellable, checkpoint
 from prune.recipe import CalibrationSpec, EvalSpec, Recipe
 from runtime.cache import LRU, cap_folder
 from runtime.memory import Workload
-from ui.common import scrub, scrub_paths
 from ui.hosting import REFUSED_MODEL, Hosting, LimitExceeded, Limits, ModelRefused, gpu_seconds
 from ui.job_queue import JobQueue
 

@@ -5,6 +5,7 @@ replaced (no hub is reachable here): they record what they were asked to upload.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -92,3 +93,93 @@ def test_a_refused_push_is_one_line_and_the_result_is_already_printed(
     out, err = capsys.readouterr()
     assert json.loads(out)["recipe"]["method"] == "magnitude"
     assert err.strip().splitlines()[-1].startswith("error: could not push to ada/x: 401 Client Error")
+
+
+# ----- the app's Push button: the visitor's own login, the same Lab.push --------------------------
+SENTINEL = "SENTINEL_beef"
+
+
+@pytest.fixture
+def app_push(tmp_path, data_dir):
+    """A public engine on a tiny model in a sentinel-named folder, one session that has pruned and
+    measured, and the Export tab's push handler."""
+    from tiny import save_tiny_chat_model
+
+    from prune.progress import silent
+    from prune.recipe import CalibrationSpec, EvalSpec, Recipe
+    from runtime.paths import set_data_dir
+    from ui import export_tab
+    from ui.engine import Engine
+    from ui.hosting import Hosting
+    from ui.sessions import Session
+
+    set_data_dir(data_dir)
+    folder = save_tiny_chat_model(tmp_path / SENTINEL / "tiny-chat")
+    engine = Engine(device="cpu", hosting=Hosting.public_profile([str(folder)], "cpu"))
+    engine.load(str(folder))
+    session = Session()
+    engine.sessions.touch(session)
+    recipe = Recipe(
+        model=str(folder),
+        sparsity={"q": 0.5, "down": 0.5},
+        calibration=CalibrationSpec(source="c4", nsamples=2, seqlen=32),
+        evaluation=EvalSpec(("wikitext2",), 32, 2),
+    )
+    engine.run(session, recipe, silent)
+    return engine, session, folder, export_tab.make_handlers(engine)[2]
+
+
+def test_the_app_pushes_with_the_visitors_login_only_and_the_folder_loads(app_push, tmp_path, monkeypatch):
+    import gradio as gr
+    from transformers import AutoModelForCausalLM
+
+    engine, session, source, push = app_push
+    monkeypatch.setenv("HF_TOKEN", "hf_the_hosts_token")
+    calls: list[dict] = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append({"call": "create_repo", "token": self.token, "repo": repo_id, **kw})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):  # keep what would have gone up
+        calls.append({"call": "upload_folder", "token": self.token, "repo": repo_id})
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+    with pytest.raises(gr.Error, match="log in with Hugging Face first"):
+        list(push("ada/tiny-pruned", True, session, None))  # public: never the host's token
+    assert calls == []
+    login = gr.OAuthToken(token="hf_the_visitors_token", scope="openid write-repos", expires_at=2**31)
+    messages = list(push("ada/tiny-pruned", False, session, login))
+    assert "Pushed run #1" in messages[-1] and "https://huggingface.co/ada/tiny-pruned" in messages[-1]
+    assert [(c["call"], c["token"], c["repo"]) for c in calls] == [
+        ("create_repo", "hf_the_visitors_token", "ada/tiny-pruned"),
+        ("upload_folder", "hf_the_visitors_token", "ada/tiny-pruned"),
+    ]
+    assert calls[0]["private"] is False
+
+    uploaded = tmp_path / "uploaded"
+    for path in uploaded.rglob("*"):
+        assert SENTINEL.encode() not in path.read_bytes(), path.name  # no server folder goes up
+    pruned = AutoModelForCausalLM.from_pretrained(uploaded)
+    dense = AutoModelForCausalLM.from_pretrained(source)
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        w = pruned.get_submodule(f"model.layers.0.{name}").weight
+        original = dense.get_submodule(f"model.layers.0.{name}").weight
+        assert int((w == 0).sum(dim=1).min()) == int((w == 0).sum(dim=1).max()) == w.shape[1] // 2
+        assert torch.equal(w[w != 0], original[w != 0])  # kept weights untouched
+    k = pruned.model.layers[0].self_attn.k_proj.weight
+    assert torch.equal(k, dense.model.layers[0].self_attn.k_proj.weight)  # k was not asked for
+
+    card = ModelCard.load(uploaded / "README.md")
+    assert card.data.base_model is None  # a local folder has no hub origin
+    assert {"pruned", "wanda", "unstructured"} <= set(card.data.tags)
+    (ppl,) = [r.metric_value for r in card.data.eval_results if r.metric_type == "perplexity"]
+    assert ppl == pytest.approx(session.output["perplexity"]["wikitext2"]["pruned"]["perplexity"], abs=1e-4)
+    recipe = json.loads((uploaded / "recipe.json").read_text())
+    assert recipe["model"] == "tiny-chat" and recipe["sparsity"] == {"q": 0.5, "down": 0.5}
+    result = json.loads((uploaded / "pruning_result.json").read_text())
+    assert result["prune"]["report"]["roles"]["q"]["sparsity"] == pytest.approx(0.5)
+    assert not session.folder("push").exists()  # the written folder does not stay on the server

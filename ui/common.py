@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
 
+from evaluation.share import scrub_paths
 from prune.errors import Cancelled, OutOfMemory, as_lab_error
 
 log = logging.getLogger("pruning-lab")
@@ -57,25 +57,7 @@ def no_api(event: dict) -> dict:
 # ----- errors --------------------------------------------------------------------------------------
 # The app must keep serving after a bad model id, a bad value, an empty prompt or running out of
 # memory: every handler is wrapped in ``user_errors``, and the model is left in a known state.
-_PATH = re.compile(
-    r"""(?<![\w.~-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'"`,;:()\[\]{}<>]+[/\\])+([^\s'"`,;:()\[\]{}<>]*)"""
-)
-
-
-def scrub_paths(text: str) -> str:
-    """Absolute server paths in ``text`` -> their last part (``/srv/data/x.txt`` -> ``x.txt``)."""
-    return _PATH.sub(lambda m: m.group(1) or "(folder)", text)
-
-
-def scrub(value):
-    """``scrub_paths`` over every string (and dict key) of a JSON-like value."""
-    if isinstance(value, str):
-        return scrub_paths(value)
-    if isinstance(value, dict):
-        return {scrub(k): scrub(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub(v) for v in value]
-    return value
+# Messages lose server paths (``evaluation.share.scrub_paths``).
 
 
 def to_message(err: BaseException) -> gr.Error:

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from evaluation.share import scrub
 from evaluation.tasks import ALL7, estimate_seconds, evaluate_recipe_tasks
 from prune.jobs import job_size
 from ui import plots
-from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, scrub, user_errors
+from ui.common import HEAVY, LIGHT, PROGRESS, figure_box, user_errors
 from ui.engine import Engine
 from ui.recipes import Defaults
 from ui.sessions import Session

@@ -188,6 +188,7 @@ class Engine:
         session.runs += 1
         session.recipe = recipe
         session.state = PackedState.pack(result.prune.state)
+        session.output = result.to_dict(lab.model_info())
         session.masks_model = lab.loaded.name
         return result
 

@@ -10,8 +10,7 @@ session expires."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
+import os
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -19,12 +18,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from evaluation.lab import versions
+from evaluation.share import shareable_recipe
 from prune.jobs import job_size
-from prune.progress import Event
+from prune.progress import Event, Progress
+from runtime.hub import HubError
 from ui.common import HEAVY, LIGHT, PROGRESS, user_errors
 from ui.engine import Engine
-from ui.hosting import LimitExceeded, free_disk_mb
+from ui.hosting import DISK, on_a_space
 from ui.sessions import EXPORT_ROOT, Session
 
 
@@ -37,7 +37,7 @@ def _folder(session: Session, what: str) -> Path:
 
 
 def _require_run(session: Session) -> None:
-    if session.recipe is None:
+    if session.recipe is None or session.output is None:
         raise gr.Error("Nothing to export yet: press 'Prune & evaluate' on the Prune tab first.")
 
 
@@ -66,7 +66,7 @@ def make_handlers(engine: Engine):
         _require_run(session)
         engine.sessions.touch(session)
         folder = _folder(session, "recipe")
-        recipe = shareable_recipe(session.recipe)
+        recipe = shareable_recipe(session.recipe, engine.hosting.display(session.recipe.model))
         (folder / "recipe.json").write_text(recipe.to_json())
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
         return [
@@ -79,7 +79,6 @@ def make_handlers(engine: Engine):
     def export_model(session: Session, progress=PROGRESS) -> Iterator[list]:
         _require_run(session)
         engine.check_session(session)
-        check_free_disk(engine, session)
         folder = _folder(session, "model")
         name = f"{Path(session.recipe.model).name}-pruned-run{session.runs}"
         target = folder / name
@@ -88,11 +87,7 @@ def make_handlers(engine: Engine):
             def saving(event: Event) -> None:
                 emit("progress", (0.6 * event.fraction, event.message))
 
-            with engine.pruned(session):  # any placement: the Lab writes it layer by layer
-                engine.lab.save(target, progress=saving)
-            shareable_recipe(session.recipe).save(target / "recipe.json")
-            summary = {"versions": versions(), **(session.last or {})}
-            (target / "pruning_result.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_export(engine, session, target, saving)
             emit("progress", (0.6, "zipping"))
             archive = folder / f"{name}.zip"
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:  # safetensors barely compress
@@ -102,22 +97,66 @@ def make_handlers(engine: Engine):
             return archive
 
         yield [None, "Saving the pruned model ..."]
-        for kind, payload in engine.heavy(session, work, job_size(session.recipe, "export")):
-            if kind == "progress":
-                progress(payload[0], desc=payload[1])
+        with DISK.reserve(folder, 2 * export_mb(engine, session), engine.hosting.export_free_mb):
+            for kind, payload in engine.heavy(session, work, job_size(session.recipe, "export")):
+                if kind == "progress":
+                    progress(payload[0], desc=payload[1])
         size = payload.stat().st_size / 2**20
         yield [
             str(payload),
             f"**{payload.name}** ({size:.0f} MiB): a save_pretrained folder with "
-            "safetensors weights, the tokenizer, recipe.json and pruning_result.json. "
-            "The server deletes it shortly after it has been downloaded: download it once.",
+            "safetensors weights, the tokenizer, recipe.json, pruning_result.json and the model card "
+            "(README.md). The server deletes it shortly after it has been downloaded: download it once.",
         ]
 
-    return export_recipe, export_model
+    @user_errors
+    def push_model(
+        repo: str,
+        private: bool,
+        session: Session,
+        oauth_token: gr.OAuthToken | None,
+        progress=PROGRESS,
+    ) -> Iterator[str]:
+        """Push this session's pruned model to the hub with the visitor's own login (the CLI's
+        ``--push-to-hub`` through the same ``Lab.push``)."""
+        token = visitor_token(engine, oauth_token)
+        repo = check_repo_id(repo)
+        _require_run(session)
+        engine.check_session(session)
+        folder = _folder(session, "push")
+
+        def work(emit):
+            def saving(event: Event) -> None:
+                emit("progress", (0.9 * event.fraction, event.message))
+
+            with engine.pruned(session):
+                lab = engine.lab
+                return lab.push(
+                    repo,
+                    lab.state,
+                    session.output,
+                    token=token,
+                    private=bool(private),
+                    folder=folder / Path(session.recipe.model).name,
+                    shown=engine.hosting.display(lab.loaded.name),
+                    progress=saving,
+                )
+
+        yield f"Saving the pruned model, then pushing it to **{repo}** ..."
+        try:
+            with DISK.reserve(folder, export_mb(engine, session), engine.hosting.export_free_mb):
+                for kind, payload in engine.heavy(session, work, job_size(session.recipe, "export")):
+                    if kind == "progress":
+                        progress(payload[0], desc=payload[1])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        yield f"Pushed run #{session.runs} with its recipe, result and model card to [{repo}]({payload})."
+
+    return export_recipe, export_model, push_model
 
 
 def build(engine: Engine, session: gr.State) -> None:
-    export_recipe, export_model = make_handlers(engine)
+    export_recipe, export_model, push_model = make_handlers(engine)
     gr.Markdown("Everything here is for **your last run** in this browser tab.")
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -131,37 +170,85 @@ def build(engine: Engine, session: gr.State) -> None:
             model_btn = gr.Button("Build pruned model (.zip)", variant="primary")
             model_file = gr.File(label="Pruned model", interactive=False)
             model_md = gr.Markdown("The zip holds the full model: about 4 bytes per parameter in float32.")
+            gr.Markdown("### Push to the Hugging Face Hub")
+            if oauth_ready():
+                gr.LoginButton()
+            gr.Markdown(login_note(engine))
+            repo = gr.Textbox(label="Repository (user/name)", placeholder="your-name/smollm2-wanda-50")
+            private = gr.Checkbox(label="Private repository", value=True)
+            push_btn = gr.Button("Push to the hub", variant="primary")
+            push_md = gr.Markdown()
     recipe_btn.click(
         export_recipe, [session], [recipe_files, recipe_code, cli_md], api_name="export_recipe", **LIGHT
     )
     model_btn.click(export_model, [session], [model_file, model_md], api_name="export_model", **HEAVY)
+    push_btn.click(push_model, [repo, private, session], [push_md], api_name="push_to_hub", **HEAVY)
 
 
-# ----- hosting: no server paths, bounded disk (issue 9) ---------------------------------------------
-def shareable_recipe(recipe):
-    """The recipe with uploaded files named by their file name, not their path on this server."""
-
-    def name(path: str | None) -> str | None:
-        return Path(path).name if path and Path(path).is_absolute() else path
-
-    calibration = dataclasses.replace(recipe.calibration, path=name(recipe.calibration.path))
-    evaluation = dataclasses.replace(
-        recipe.evaluation, datasets=tuple(name(d) for d in recipe.evaluation.datasets)
-    )
-    return dataclasses.replace(recipe, calibration=calibration, evaluation=evaluation)
+# ----- the hub: the visitor's own login -------------------------------------------------------------
+LOG_IN_FIRST = "log in with Hugging Face first (the Sign in button above), then push again"
 
 
-def check_free_disk(engine: Engine, session: Session) -> None:
-    """An export writes the weights, then a zip of them (Gradio serves the zip where it lies): ask
-    for room for two copies plus the host's margin before writing anything."""
-    weights_mb = engine.info(session)["memory"]["weights_bytes"] / 2**20
-    need = 2 * weights_mb + engine.hosting.export_free_mb
-    free = free_disk_mb(session.folder("model").parent)
-    if free < need:
-        raise LimitExceeded(
-            f"not enough free disk on the server for an export right now ({free:,.0f} MB free, "
-            f"{need:,.0f} MB needed); try again later"
-        )
+def oauth_ready() -> bool:
+    """Whether "Sign in with Hugging Face" works here: a Space with ``hf_oauth: true`` (which gives
+    it ``OAUTH_CLIENT_ID``) and Gradio's OAuth extra installed. Elsewhere Gradio's login button would
+    need the host's own login and the hub at start, so it is left out."""
+    if not (on_a_space() and os.environ.get("OAUTH_CLIENT_ID")):
+        return False
+    try:
+        import authlib  # noqa: F401
+        import itsdangerous  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def login_note(engine: Engine) -> str:
+    if oauth_ready():
+        return "Sign in, name a repository and push: the model goes to your account, with your login."
+    if engine.hosting.public:
+        return "Pushing needs **Sign in with Hugging Face**, which this server does not offer."
+    return "Pushes with this machine's Hugging Face login (`hf auth login`), as the CLI's `--push-to-hub`."
+
+
+def visitor_token(engine: Engine, oauth_token: gr.OAuthToken | None) -> str | None:
+    """The token a push uses: the visitor's own login; on a local lab without one, the host's usual
+    login (None). A public server never uses the host's token."""
+    if oauth_token is not None and oauth_token.token:
+        return oauth_token.token
+    if engine.hosting.public or oauth_ready():
+        raise HubError(LOG_IN_FIRST)
+    return None
+
+
+def check_repo_id(repo: str) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo = (repo or "").strip()
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise HubError(f"{repo!r} is not a hub repository name: write it as user/name") from None
+    return repo
+
+
+# ----- hosting: no server paths, bounded disk (issues 9, 19) -----------------------------------------
+EXPORT_EXTRA_MB = 16.0  # tokenizer, configs, recipe, result and card beside the weights
+
+
+def export_mb(engine: Engine, session: Session) -> float:
+    """What one written copy of the session's model takes on disk: its weights as saved (the model's
+    own dtype) plus the small files."""
+    return engine.info(session)["memory"]["weights_bytes"] / 2**20 + EXPORT_EXTRA_MB
+
+
+def write_export(engine: Engine, session: Session, target: Path, progress: Progress) -> Path:
+    """The session's pruned model as ``Lab.export`` writes it (the hub push's folder), named as a
+    visitor sees it."""
+    with engine.pruned(session):  # any placement: the Lab writes it layer by layer
+        lab = engine.lab
+        shown = engine.hosting.display(lab.loaded.name)
+        return lab.export(target, lab.state, session.output, progress, shown)
 
 
 DOWNLOAD_GRACE_S = 3.0

@@ -14,9 +14,13 @@ import dataclasses
 import os
 import re
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evaluation.share import display, looks_like_path
 from evaluation.tasks import estimate_seconds
 from prune.errors import LabError
 from prune.jobs import JobSize
@@ -220,14 +224,6 @@ class Hosting:
         return display(name or "") if self.public else (name or "")
 
 
-def looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "~", ".", "\\")) or "\\" in name or name.count("/") > 1
-
-
-def display(name: str) -> str:
-    return Path(name).name if looks_like_path(name) else name
-
-
 def expand_user(name: str) -> str:
     """``~/models/x`` -> the host's home folder (hub ids are left alone)."""
     return str(Path(name).expanduser()) if name.startswith("~") else name
@@ -252,3 +248,34 @@ def _has_spaces() -> bool:
 def free_disk_mb(folder: Path) -> float:
     folder.mkdir(parents=True, exist_ok=True)
     return shutil.disk_usage(folder).free / 2**20
+
+
+class DiskReservations:
+    """Disk promised to exports that are writing now, per process: each export reserves what it will
+    write before it writes, checked against the free disk less every other reservation (under one
+    lock), so two exports cannot both pass the free-disk check and then fill the disk together."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reserved_mb = 0.0
+
+    @contextmanager
+    def reserve(self, folder: Path, need_mb: float, margin_mb: float) -> Iterator[None]:
+        """Hold ``need_mb`` for the block; raises ``LimitExceeded`` when free disk less the other
+        reservations is below ``need_mb + margin_mb``."""
+        with self._lock:
+            free = free_disk_mb(folder) - self.reserved_mb
+            if free < need_mb + margin_mb:
+                raise LimitExceeded(
+                    f"not enough free disk on the server for an export right now ({max(free, 0):,.0f} MB "
+                    f"free, {need_mb + margin_mb:,.0f} MB needed); try again later"
+                )
+            self.reserved_mb += need_mb
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.reserved_mb -= need_mb
+
+
+DISK = DiskReservations()  # one per process: every engine's exports write to the same disk

@@ -15,6 +15,7 @@ import gradio as gr
 
 from evaluation.lab import RunResult
 from evaluation.perplexity import dataset_label
+from evaluation.share import scrub
 from evaluation.speed import measure_24, semi_structured_support
 from prune.errors import LabError
 from prune.jobs import job_size
@@ -26,7 +27,7 @@ from runtime import memory
 from runtime.models import choose_dtype, config_source, resolve_device
 from runtime.paths import data_dir
 from ui import plots
-from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
+from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, user_errors
 from ui.engine import Engine
 from ui.hosting import Limits
 from ui.recipes import (

@@ -6,7 +6,6 @@ afterwards and every session's next job re-applies its own masks.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -96,6 +95,16 @@ def figures(result: studies.StudyResult) -> list:
     return [plots.render(study_plots.figure_downstream, result), None]
 
 
+def download_zip(result: studies.StudyResult, folder: Path) -> str:
+    """A study's folder as a visitor downloads it (points, plots, summary), written afresh from the
+    shareable ``result``, zipped: the study's own folder (kept for resuming) is never served."""
+    shutil.rmtree(folder, ignore_errors=True)
+    studies.save_study(result, folder)
+    with plots.PLOT_LOCK:
+        studies.write_outputs(result, folder)  # PNG plots and summary.md beside the CSV
+    return shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+
+
 def study_folder(session: Session, settings: dict) -> Path:
     """One folder per session and settings: the same settings resume, others start afresh."""
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -139,9 +148,12 @@ def make_handlers(engine: Engine):
             session, {**options, "model": engine.model_for(session), "calibration": calibration.key()}
         )
 
+        model = engine.model_for(session)
+        shown = engine.hosting.display(model)
+
         def work(emit):
             def on_point(point, result):
-                emit("point", dataclasses.replace(result, points=list(result.points)))
+                emit("point", studies.shareable_study(result, model, shown))
 
             return studies.run_study(
                 engine.ensure(session, lambda event: emit("progress", event)),
@@ -163,11 +175,9 @@ def make_handlers(engine: Engine):
                     f"{len(payload.points)} points measured ...",
                     None,
                 ]
-        result = payload
-        session.studies[result.settings.kind] = result
-        with plots.PLOT_LOCK:
-            studies.write_outputs(result, folder)  # PNG plots and summary.md beside the CSV
-        archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+        session.studies[payload.settings.kind] = payload
+        result = studies.shareable_study(payload, model, shown)  # what the visitor sees and downloads
+        archive = download_zip(result, folder.with_name(f"{folder.name}-download"))
         resumed = f", {len(result.skipped)} resumed from an earlier run" if result.skipped else ""
         status = (
             f"**{kind} study done**: {len(result.points)} points{resumed}, "

@@ -89,6 +89,7 @@ class Session:
     runs: int = 0
     history: deque[dict] = field(default_factory=lambda: deque(maxlen=HISTORY_RUNS))  # the newest runs
     last: dict | None = None  # the last run's result summary (what the API returns)
+    output: dict | None = None  # the last run's result as the CLI prints it (export, push, card)
     studies: dict[str, Any] = field(default_factory=dict)  # study kind -> its last StudyResult
 
     def __deepcopy__(self, memo: dict) -> Session:
@@ -102,6 +103,7 @@ class Session:
     def drop_state(self) -> None:
         self.state = None
         self.recipe = None
+        self.output = None
         self.masks_model = None
 
 
