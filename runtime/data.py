@@ -80,28 +80,3 @@ def load_texts(name: str, split: str) -> TextSource:
         raise DataError(f"unknown dataset {name!r} split {split!r}; known: wikitext2, c4")
     folder = data_dir()
     return _local(name, split, folder) if folder else _hub(name, split)
-
-
-def load_file(path: str | Path) -> TextSource:
-    """A user's text: .txt (whole file), .jsonl/.json (a "text" field) or .parquet (a "text" column)."""
-    from datasets import load_dataset
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"text file not found: {path}")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".txt", ".text", ".md", ".raw"):
-        return TextSource([path.read_text(encoding="utf-8", errors="replace")], str(path))
-    builder = {
-        ".jsonl": "json",
-        ".json": "json",
-        ".jsonl.gz": "json",
-        ".json.gz": "json",
-        ".parquet": "parquet",
-    }.get(suffix)
-    if builder is None:
-        raise DataError(f"unsupported file type {suffix!r}; use .txt, .jsonl, .json or .parquet")
-    data = load_dataset(builder, data_files=str(path), split="train")
-    if "text" not in data.column_names:
-        raise DataError(f"{path} has no 'text' field (fields: {', '.join(data.column_names)})")
-    return TextSource(data["text"], str(path))
