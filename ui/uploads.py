@@ -6,11 +6,12 @@ Gradio fetches a ``FileData`` whose ``path`` is an http(s) URL itself, before an
 ``Block.async_move_resource_to_block_cache`` -> ``async_ssrf_protected_download``), outside
 ``max_file_size``; its SSRF guard keeps it off private addresses only, and lets ``*.hf.co``
 through any proxy the environment names. A ``url`` field alone is not fetched for an input (only
-the proxy of a ``gr.load``-ed app reads it). ``TextUpload`` refuses a URL path before the fetch.
+the proxy of a ``gr.load``-ed app reads it). ``text_upload`` refuses a URL path before the fetch.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,22 +25,20 @@ URL_REFUSED = "This server does not fetch files from a URL: upload the file itse
 TEXT_FILES = [".txt", ".md", ".jsonl", ".json", ".csv", ".parquet", ".gz"]
 
 
-class TextUpload(gr.File):
-    """``gr.File`` (drawn as one: ``is_template``); with ``refuse_urls`` a URL path is refused."""
-
-    is_template = True
-    refuse_urls = False
-
-    async def async_move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
-        if self.refuse_urls and is_http_url_like(str(url_or_file_path)):
-            raise gr.Error(URL_REFUSED)
-        return await super().async_move_resource_to_block_cache(url_or_file_path)
+async def _refuse_urls(box: gr.File, url_or_file_path: str | Path | None) -> str | None:
+    """``box.async_move_resource_to_block_cache`` that refuses a URL before Gradio fetches it."""
+    if is_http_url_like(str(url_or_file_path)):
+        raise gr.Error(URL_REFUSED)
+    return await type(box).async_move_resource_to_block_cache(box, url_or_file_path)
 
 
-def text_upload(public: bool, **options) -> TextUpload:
-    """A box for a text file (a path for the handler); public: uploads only, never a URL."""
-    box = TextUpload(type="filepath", file_types=TEXT_FILES, **options)
-    box.refuse_urls = public
+def text_upload(public: bool, **options) -> gr.File:
+    """A box for a text file (a path for the handler); public: uploads only, never a URL. Set on
+    the instance (a bound method, so Gradio's per-session copies keep it): a subclass of
+    ``gr.File`` would make Gradio write a ``.pyi`` stub next to this module at import."""
+    box = gr.File(type="filepath", file_types=TEXT_FILES, **options)
+    if public:
+        box.async_move_resource_to_block_cache = types.MethodType(_refuse_urls, box)
     return box
 
 
