@@ -197,7 +197,8 @@ def _parquet(path: Path, tally: _Tally) -> list[str]:
     lengths: tuple[int, pa.Array] | None = None  # (dictionary address, its values' lengths)
     for batch in file.iter_batches(batch_size=PARQUET_BATCH, columns=["text"]):
         values = batch.column(0)
-        address = values.dictionary.buffers()[1].address
+        offsets = values.dictionary.buffers()[1]
+        address = offsets.address if offsets is not None else 0
         if lengths is None or lengths[0] != address:
             lengths = address, pc.utf8_length(values.dictionary)
         tally.read(pc.sum(pc.take(lengths[1], values.indices)).as_py() or 0)

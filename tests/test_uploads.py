@@ -307,13 +307,22 @@ def test_a_public_server_refuses_a_url_file_and_an_upload_over_its_limit(public,
 
     client = Client(public.url, verbose=False)
     url = "http://datasets.hf.co/visitor/calibration.jsonl"
-    payloads = [handle_file(url), {"path": url, "url": url, "meta": {"_type": "gradio.FileData"}}]
-    for payload in payloads:
+    meta = {"_type": "gradio.FileData"}
+    for payload in (handle_file(url), {"path": url, "meta": meta}):  # what gradio_client sends; raw
         start = time.monotonic()
         with pytest.raises(AppError, match="This server does not fetch files from a URL"):
             client.predict(api_name="/prune", calibration="uploaded file", calibration_file=payload, **SMALL)
         assert time.monotonic() - start < 2.0
-    assert Recorder.seen == []  # the "URL" was never requested
+    with pytest.raises(AppError):  # a ``url`` beside a path that was never uploaded: refused, unfetched
+        client.predict(
+            api_name="/prune",
+            calibration="uploaded file",
+            calibration_file={"path": str(tmp_path / "none.jsonl"), "url": url, "meta": meta},
+            **SMALL,
+        )
+    # Gradio's own fetch of such a URL goes through the proxy and would be recorded here (checked by
+    # hand: processing_utils.async_ssrf_protected_download with HTTP_PROXY set to this recorder).
+    assert not [path for path in Recorder.seen if "datasets.hf.co" in path]
 
     big = write(tmp_path, "big.jsonl", ["w1 w2 w3 " * 100] * 10)  # 9,000+ characters, far below 1 MB
     with pytest.raises(AppError) as refused:
