@@ -94,6 +94,7 @@ def hosting_from(args: argparse.Namespace, device_type: str):
         study_points=args.max_study_points,
         new_tokens=args.max_new_tokens,
         upload_mb=args.max_upload_mb,
+        upload_chars=args.max_upload_chars,
         queue_size=args.queue_size,
         job_seconds=args.job_seconds,
     )
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
 
     offline = go_offline_if_no_hub()  # before transformers is imported, so hub ids fail in seconds
     from runtime import cache as prune_cache
+    from runtime.files import limit_files
     from runtime.models import default_model, resolve_device
     from runtime.paths import set_data_dir
     from ui.engine import Engine
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     try:
         set_data_dir(args.data_dir)
         hosting = hosting_from(args, resolve_device(device).type)
+        limit_files(hosting.limits.upload_chars)
         for warning in startup_warnings(args, hosting.public):
             print(f"warning: {warning}", file=sys.stderr)
         engine = Engine(device=device, hosting=hosting)

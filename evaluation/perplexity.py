@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -20,7 +19,9 @@ from torch import nn
 
 from prune.errors import LabError
 from prune.progress import Event, Progress, checkpoint, silent
-from runtime.data import TextSource, load_file, load_texts
+from runtime.cache import LRU
+from runtime.data import TextSource, load_texts
+from runtime.files import load_file
 from runtime.models import LoadedModel
 from runtime.stream import model_logits
 
@@ -61,17 +62,26 @@ def _text_for(dataset: str) -> tuple[str, TextSource]:
     return "\n\n".join(source.texts), source
 
 
-@lru_cache(maxsize=8)
-def _encode(dataset: str, tokenizer) -> tuple[torch.Tensor, TextSource]:
-    text, source = _text_for(dataset)
-    if not text.strip():
-        raise EvaluationError(f"{dataset}: the text is empty")
-    return tokenizer(text, return_tensors="pt").input_ids, source
+_ENCODED = LRU(entries=8)  # (dataset, tokenizer) -> (token ids, source)
 
 
 def encoded(tokenizer, dataset: str) -> tuple[torch.Tensor, TextSource]:
     """Token ids of a dataset (memoized per tokenizer: WikiText-2 takes seconds to tokenize)."""
-    return _encode(dataset, tokenizer)
+    key = (dataset, tokenizer)
+    hit = _ENCODED.get(key)
+    if hit is None:
+        text, source = _text_for(dataset)
+        if not text.strip():
+            raise EvaluationError(f"{dataset_label(dataset)}: the text is empty")
+        hit = _ENCODED[key] = (tokenizer(text, return_tensors="pt").input_ids, source)
+    return hit
+
+
+def forget(dataset: str) -> None:
+    """Drop what is memoized of ``dataset`` (an expired session's upload)."""
+    for key in _ENCODED:
+        if key[0] == dataset:
+            _ENCODED.pop(key)
 
 
 def _logits(

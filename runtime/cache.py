@@ -100,6 +100,10 @@ class LRU:
             self[key] = default
         return self[key]
 
+    def pop(self, key: Hashable, default: Any = None) -> Any:
+        with self._lock:
+            return self._data.pop(key, default)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

@@ -15,7 +15,8 @@ import torch
 from prune.errors import LabError
 from prune.progress import checkpoint
 from prune.recipe import CalibrationSpec
-from runtime.data import DataError, TextSource, load_file, load_texts
+from runtime.data import DataError, TextSource, load_texts
+from runtime.files import load_file
 from runtime.stream import input_device
 
 

@@ -99,16 +99,6 @@ def load_texts(name: str, split: str) -> TextSource:
     return _local(name, split, folder) if folder else _hub(name, split)
 
 
-def load_file(path: str | Path) -> TextSource:
-    """A user's text: .txt (whole file), .jsonl/.json (a "text" field) or .parquet (a "text" column)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"text file not found: {path}")
-    if _suffix(path) in (".txt", ".text", ".md", ".raw"):
-        return TextSource([path.read_text(encoding="utf-8", errors="replace")], str(path))
-    return TextSource(_rows(path), str(path))
-
-
 _BUILDERS = {
     ".jsonl": "json",
     ".json": "json",

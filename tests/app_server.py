@@ -48,7 +48,7 @@ class AppServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-_servers: dict[tuple[str, ...], AppServer] = {}
+_servers: dict[tuple, AppServer] = {}
 
 
 def free_port() -> int:
@@ -70,13 +70,14 @@ def app_env(root: Path) -> dict[str, str]:
     return env
 
 
-def start(extra: list[str] | tuple[str, ...] = ()) -> AppServer:
-    """Start the app (once per test process and set of extra flags) and wait until it answers."""
-    key = tuple(extra)
+def start(extra: list[str] | tuple[str, ...] = (), environ: dict[str, str] | None = None) -> AppServer:
+    """Start the app (once per test process, set of extra flags and of extra variables
+    ``environ``) and wait until it answers."""
+    key = (*extra, *sorted((environ or {}).items()))
     if key in _servers and _servers[key].alive():
         return _servers[key]
     root = Path(tempfile.mkdtemp(prefix="pruning-lab-app-"))
-    env = app_env(root)
+    env = {**app_env(root), **(environ or {})}
     port = free_port()
     args = [
         sys.executable,

@@ -184,6 +184,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_study_points", "--max-study-points", "count", "points per study", limit="study_points"),
     Setting("max_new_tokens", "--max-new-tokens", "count", "generated tokens per answer", limit="new_tokens"),
     Setting("max_upload_mb", "--max-upload-mb", "number", "MB of an uploaded text file", limit="upload_mb"),
+    Setting(
+        "max_upload_chars",
+        "--max-upload-chars",
+        "count",
+        "characters of text read from an uploaded file (and rows: 1/16 of it), counted while it is read",
+        limit="upload_chars",
+    ),
     Setting("queue_size", "--queue-size", "count", "heavy jobs waiting at most", limit="queue_size"),
     Setting(
         "job_seconds", "--job-seconds", "number", "time limit of one heavy job, seconds", limit="job_seconds"

@@ -50,6 +50,7 @@ class Limits:
     study_points: int | None = None  # grid values x roles (or series)
     new_tokens: int | None = None
     upload_mb: float | None = None  # Gradio max_file_size
+    upload_chars: int | None = None  # characters of text decoded from one upload (runtime.files)
     queue_size: int | None = None  # Gradio queue max_size
     pending_per_session: int = 1  # heavy jobs waiting or running per browser session
     job_seconds: float | None = None  # a heavy job is cancelled past this
@@ -66,6 +67,7 @@ class Limits:
                 study_points=120,
                 new_tokens=512,
                 upload_mb=50,
+                upload_chars=16_000_000,
                 queue_size=64,
                 job_seconds=1800,
             )
@@ -77,6 +79,7 @@ class Limits:
             study_points=40,
             new_tokens=256,
             upload_mb=10,
+            upload_chars=2_000_000,  # 1.5 WikiText-2 test sets; tokenizing it peaks at ~300 MB
             queue_size=32,
             job_seconds=600,
         )
@@ -118,6 +121,7 @@ class Limits:
             ("study_points", lambda v: f"≤ {v} study points"),
             ("new_tokens", lambda v: f"≤ {v} new tokens"),
             ("upload_mb", lambda v: f"uploads ≤ {v:g} MB"),
+            ("upload_chars", lambda v: f"≤ {v:,} characters of text per upload"),
             ("job_seconds", lambda v: f"≤ {v / 60:g} min per job"),
         ]
         parts = [text(getattr(self, name)) for name, text in shown if getattr(self, name) is not None]

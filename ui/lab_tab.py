@@ -48,8 +48,8 @@ from ui.recipes import (
 )
 from ui.registry import MODEL_CHOICES
 from ui.sessions import Session
+from ui.uploads import text_upload
 
-TEXT_FILES = [".txt", ".jsonl", ".json", ".parquet"]
 PPL_HEADERS = ["dataset", "dense", "pruned", "pruned / dense", "windows x tokens"]
 # What a run's status line says for the stage of an event (``prune.progress.Event.stage``).
 STAGE_LABELS = {
@@ -321,6 +321,7 @@ def make_handlers(engine: Engine):
         controls = Controls.from_values(
             {**values, "calibration_file": calibration_file, "eval_file": eval_file}
         )
+        session.note_uploads(calibration_file, eval_file)
         shape = engine.shape(session)
         return readout(build_recipe(controls, shape), shape, engine.num_parameters(session))
 
@@ -575,18 +576,11 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
                         elem_id="eval-seqlen",
                     )
                 with gr.Row():
-                    calibration_file = gr.File(
-                        label="Calibration text ('uploaded file')",
-                        type="filepath",
-                        file_types=TEXT_FILES,
-                        height=130,
+                    public = engine.hosting.public
+                    calibration_file = text_upload(
+                        public, label="Calibration text ('uploaded file')", height=130
                     )
-                    eval_file = gr.File(
-                        label="Perplexity text ('uploaded file')",
-                        type="filepath",
-                        file_types=TEXT_FILES,
-                        height=130,
-                    )
+                    eval_file = text_upload(public, label="Perplexity text ('uploaded file')", height=130)
             with gr.Row():
                 run_btn = gr.Button(
                     "Prune & evaluate", variant="primary", size="lg", elem_id="prune-button", scale=3
@@ -774,6 +768,7 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
 
 def checked_recipe(engine: Engine, session: Session, controls: Controls):
     """The recipe for this session's model, refused before anything runs when over a limit."""
+    session.note_uploads(controls.calibration_file, controls.eval_file)
     recipe = build_recipe(controls, engine.shape(session))
     engine.hosting.limits.check(job_size(recipe, "run"))
     return recipe

@@ -129,6 +129,7 @@ def make_handlers(engine: Engine):
         **calibration_values,
     ) -> Iterator[list]:
         engine.sessions.touch(session)
+        session.note_uploads(calibration_file)
         calibration = calibration_spec(Controls(calibration_file=calibration_file, **calibration_values))
         present = engine.shape(session).roles
         chosen = [r for r in (roles or present) if r in present]

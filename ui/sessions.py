@@ -32,6 +32,7 @@ from prune.state import PrunedState
 from prune.structured import Structure
 from ui.host import trim_heap
 from ui.hosting import Hosting, LimitExceeded
+from ui.uploads import discard
 
 # Every session's files, below; a fresh folder per server process, removed when it exits. It lies in
 # Gradio's upload folder: a file handed to a visitor from there is served as it is, while one from
@@ -91,6 +92,7 @@ class Session:
     last: dict | None = None  # the last run's result summary (what the API returns)
     output: dict | None = None  # the last run's result as the CLI prints it (export, push, card)
     studies: dict[str, Any] = field(default_factory=dict)  # study kind -> its last StudyResult
+    uploads: set[str] = field(default_factory=set)  # the files it uploaded (deleted when it expires)
 
     def __deepcopy__(self, memo: dict) -> Session:
         """Gradio deep-copies the State's initial value for every new browser session: a new Session."""
@@ -99,6 +101,9 @@ class Session:
     def folder(self, what: str) -> Path:
         """Where this session's exports and studies of kind ``what`` go."""
         return EXPORT_ROOT / f"session-{self.uid}" / what
+
+    def note_uploads(self, *paths: str | None) -> None:
+        self.uploads.update(str(p) for p in paths if p)
 
     def drop_state(self) -> None:
         self.state = None
@@ -157,7 +162,8 @@ class SessionBook:
         return len(tokens)
 
     def expire(self, session: Session) -> None:
-        """Free what a session holds: its state, studies, files. Called when it has been idle longer
+        """Free what a session holds: its state, studies, files (exports, uploads no live session
+        also named, and their memoized token ids). Called when it has been idle longer
         than the TTL, when Gradio deletes its state (tab closed) and at unload."""
         self.cancel(session, "your session expired")
         session.drop_state()
@@ -168,6 +174,9 @@ class SessionBook:
             self._seen.pop(session.uid, None)
             if not self._running.get(session.uid):
                 self._running.pop(session.uid, None)
+            shared = set().union(*(s.uploads for s in self._sessions.values()))
+        discard(session.uploads - shared, spare=EXPORT_ROOT)  # Gradio keeps one file per content
+        session.uploads.clear()
 
     def forget(self, session: Any) -> None:
         """``gr.State(delete_callback=...)``: Gradio dropped this session's state."""
