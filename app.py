@@ -82,7 +82,9 @@ def hosting_from(args: argparse.Namespace, device_type: str):
         new_tokens=args.max_new_tokens,
         upload_mb=args.max_upload_mb,
         queue_size=args.queue_size,
+        heavy_threads=args.heavy_threads,
         job_seconds=args.job_seconds,
+        model_switches_per_minute=args.model_switches_per_minute,
     )
     if args.session_ttl is not None:
         hosting.session_ttl_s = 60 * args.session_ttl
@@ -228,9 +230,10 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     print(f"exports: {EXPORT_ROOT}", file=sys.stderr, flush=True)
     demo = build_demo(engine)
     limits = hosting.limits
-    demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
+    demo.queue(default_concurrency_limit=limits.heavy_threads, max_size=limits.queue_size)  # ui.common.HEAVY
     from starlette.middleware import Middleware
 
+    from ui.common import LIGHT_THREADS
     from ui.export_tab import DeleteAfterDownload
 
     demo.launch(
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         share=args.share,
         auth=args.auth,
         max_file_size=None if limits.upload_mb is None else int(limits.upload_mb * 2**20),
+        max_threads=LIGHT_THREADS + (limits.heavy_threads or 4),
         app_kwargs={"middleware": [Middleware(DeleteAfterDownload)]},
         **launch_options(),
     )

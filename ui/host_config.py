@@ -116,7 +116,8 @@ class Setting:
         if not self.limit:
             return self.default
         cpu, gpu = (_amount(getattr(Limits.for_device(device), self.limit)) for device in ("cpu", "cuda"))
-        return f"public: {cpu} (CPU), {gpu} (GPU); local: none"
+        public = cpu if cpu == gpu else f"{cpu} (CPU), {gpu} (GPU)"
+        return f"public: {public}; local: none"
 
 
 def _amount(value: float) -> str:
@@ -178,9 +179,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_study_points", "--max-study-points", "count", "points per study", limit="study_points"),
     Setting("max_new_tokens", "--max-new-tokens", "count", "generated tokens per answer", limit="new_tokens"),
     Setting("max_upload_mb", "--max-upload-mb", "number", "MB of an uploaded text file", limit="upload_mb"),
-    Setting("queue_size", "--queue-size", "count", "heavy jobs waiting at most", limit="queue_size"),
+    Setting(
+        "queue_size",
+        "--queue-size",
+        "count",
+        "requests waiting for a heavy thread at most (Gradio's queue)",
+        limit="queue_size",
+    ),
+    Setting(
+        "heavy_threads",
+        "--heavy-threads",
+        "count",
+        "threads for heavy jobs (one runs on the model, the others wait in its line); the rest "
+        "answer readouts and cancels",
+        limit="heavy_threads",
+    ),
     Setting(
         "job_seconds", "--job-seconds", "number", "time limit of one heavy job, seconds", limit="job_seconds"
+    ),
+    Setting(
+        "model_switches_per_minute",
+        "--model-switches-per-minute",
+        "count",
+        "model switches per visitor and minute",
+        limit="model_switches_per_minute",
     ),
     Setting(
         "zero_gpu_seconds",

@@ -27,7 +27,7 @@ from runtime.paths import data_dir
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, scrub, user_errors
 from ui.engine import Engine
-from ui.hosting import Limits
+from ui.hosting import Limits, does_not_fit
 from ui.recipes import (
     CALIBRATION_CHOICES,
     EVAL_CHOICES,
@@ -152,8 +152,8 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
         plan = memory.plan_for_source(config, dtype, device, workload, token=None if token_ok else False)
     except memory.ConfigUnavailable:
         return ""
-    except memory.MemoryPlanError as err:
-        return f"**Memory plan:** this model does not fit here: {err}"
+    except memory.DoesNotFit as err:
+        return f"**Memory plan:** {does_not_fit(engine.hosting.display(name), err)}"
     except LabError:
         return ""
     rows = "\n".join(f"| {memory.gib(r.bytes)} | {r.where} | {r.item} |" for r in plan.rows if r.counted)
@@ -165,6 +165,7 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
 
 
 def make_plan_handler(engine: Engine):
+    @user_errors
     def memory_plan(choice: str, custom: str, **values) -> str:
         """The memory plan for the model picked (not loaded yet) with the settings on the page."""
         try:
