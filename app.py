@@ -96,7 +96,9 @@ def hosting_from(args: argparse.Namespace, device_type: str):
         upload_mb=args.max_upload_mb,
         upload_chars=args.max_upload_chars,
         queue_size=args.queue_size,
+        heavy_threads=args.heavy_threads,
         job_seconds=args.job_seconds,
+        model_switches_per_minute=args.model_switches_per_minute,
     )
     if args.session_ttl is not None:
         hosting.session_ttl_s = 60 * args.session_ttl
@@ -245,9 +247,10 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     print(f"exports: {EXPORT_ROOT}", file=sys.stderr, flush=True)
     demo = build_demo(engine)
     limits = hosting.limits
-    demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
+    demo.queue(default_concurrency_limit=limits.heavy_threads, max_size=limits.queue_size)  # ui.common.HEAVY
     from starlette.middleware import Middleware
 
+    from ui.common import LIGHT_THREADS
     from ui.export_tab import DeleteAfterDownload
 
     demo.launch(
@@ -256,6 +259,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         share=args.share,
         auth=args.auth,
         max_file_size=None if limits.upload_mb is None else int(limits.upload_mb * 2**20),
+        max_threads=LIGHT_THREADS + (limits.heavy_threads or 4),
         app_kwargs={"middleware": [Middleware(DeleteAfterDownload)]},
         **launch_options(),
     )

@@ -256,6 +256,15 @@ class Lab:
         with self.lock:
             self._quantized.clear()
 
+    def drop_caches(self) -> None:
+        """Free what this model memoized (calibration ids, statistics, ranks, dense perplexities,
+        quantized copies; the statistics on disk stay): before another model loads, so the
+        server holds one model's caches, not two. Everything is computed again when needed."""
+        with self.lock:
+            self.pruner.drop_caches()
+            self._dense_ppl.clear()
+            self._quantized.clear()
+
     def save(
         self, folder: str | os.PathLike, state: PrunedState | None = None, progress: Progress = silent
     ) -> Path:

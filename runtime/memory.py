@@ -83,6 +83,16 @@ class MemoryPlanError(LabError):
     """A memory budget that cannot be read, or a run that does not fit in it."""
 
 
+class DoesNotFit(MemoryPlanError):
+    """A run that does not fit in the memory there is; ``shortfall`` says what is missing
+    ('needs 27.1 GiB on cuda:0 (weights 24.2 GiB, ...), more than 90% of the ... free'), so a
+    front end can word the refusal for its own audience."""
+
+    def __init__(self, message: str, shortfall: str):
+        super().__init__(message)
+        self.shortfall = shortfall
+
+
 class ConfigUnavailable(MemoryPlanError):
     """The model's config cannot be read without loading it (no hub, not converted yet): no plan
     then; loading reports what is wrong."""
@@ -530,9 +540,10 @@ def plan_memory(
             why = f"on {budget.device} alone it {whole.shortfall()}; {len(gpus)} GPUs hold it"
             return dataclasses.replace(spread, reason=why)
     if streaming == "off":
-        raise MemoryPlanError(
+        raise DoesNotFit(
             f"this run does not fit in memory (streaming off): it {whole.shortfall()}; "
-            f"{_advice(budget, streaming)}"
+            f"{_advice(budget, streaming)}",
+            whole.shortfall(),
         )
     streamed = [
         MemoryPlan(
@@ -545,8 +556,9 @@ def plan_memory(
             why = "streaming asked for" if streaming == "on" else f"in memory it {whole.shortfall()}"
             return dataclasses.replace(plan, reason=why)
     closest = min(streamed, key=MemoryPlan.worst_overflow)
-    raise MemoryPlanError(
-        f"this run does not fit, even streamed: it {closest.shortfall()}; {_advice(budget, streaming)}"
+    raise DoesNotFit(
+        f"this run does not fit, even streamed: it {closest.shortfall()}; {_advice(budget, streaming)}",
+        closest.shortfall(),
     )
 
 

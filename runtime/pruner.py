@@ -115,6 +115,11 @@ class Pruner:
         """Never above the model's context (the reference's max_position_embeddings can OOM)."""
         return min(requested, self.loaded.max_length)
 
+    def drop_caches(self) -> None:
+        """Empty the in-memory caches (ids, statistics, ranks); the disk cache stays."""
+        for cache in (self._ids, self._stats, self._ranks):
+            cache.clear()
+
     def calibration_ids(self, spec: CalibrationSpec) -> torch.Tensor:
         """The calibration tokens of a spec (its seqlen capped at the model's context), memoized.
         Generated calibration samples the dense model; the current state is put back after."""

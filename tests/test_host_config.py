@@ -31,7 +31,9 @@ SPACE = {
     "PRUNING_LAB_MAX_UPLOAD_MB": "2.5",
     "PRUNING_LAB_MAX_UPLOAD_CHARS": "12345",
     "PRUNING_LAB_QUEUE_SIZE": "5",
+    "PRUNING_LAB_HEAVY_THREADS": "3",
     "PRUNING_LAB_JOB_SECONDS": "90",
+    "PRUNING_LAB_MODEL_SWITCHES_PER_MINUTE": "2",
     "PRUNING_LAB_ZERO_GPU_SECONDS": "60",
     "PRUNING_LAB_CACHE_ENTRIES": "2",
     "PRUNING_LAB_CACHE_MB": "256",
@@ -50,6 +52,7 @@ def test_environment_variables_configure_every_hosting_setting(tmp_path):
     assert (limits.task_docs, limits.study_points, limits.new_tokens) == (20, 7, 64)
     assert (limits.upload_mb, limits.queue_size, limits.job_seconds) == (2.5, 5, 90.0)
     assert limits.upload_chars == 12345
+    assert (limits.heavy_threads, limits.model_switches_per_minute) == (3, 2)
     assert hosting.session_ttl_s == 15 * 60 and hosting.zero_gpu_max_s == 60.0
     assert args.auth == [("ada", "lovelace"), ("alan", "tu:ring")]  # a password may hold a colon
     assert (args.cache_entries, args.cache_mb, args.disk_cache_mb) == (2, 256.0, 0.0)

@@ -369,6 +369,84 @@ def test_a_cancelled_waiting_job_leaves_the_queue_at_once():
     assert not jobs.busy
 
 
+def test_a_session_has_one_job_running_and_one_waiting_and_the_third_is_refused():
+    from ui.sessions import Session, SessionBook
+
+    book, alice, bob = SessionBook(Hosting.public_profile(None, "cpu")), Session(), Session()
+    running, waiting = book.admit(alice), book.admit(alice)
+    with pytest.raises(LimitExceeded) as caught:
+        book.admit(alice)
+    assert str(caught.value) == (
+        "you already have a job running and one waiting: the most this server allows per visitor; "
+        "wait for one to finish or press Cancel"
+    )
+    book.admit(bob)  # another visitor is not affected
+    book.release(alice, running)
+    book.admit(alice)  # one finished: room for one more
+    assert "a job running and one waiting per visitor" in Limits.for_device("cpu").describe()
+    assert waiting is not running
+
+
+def test_model_switches_are_limited_per_session_and_minute(tmp_path, monkeypatch):
+    from ui import sessions
+    from ui.engine import Engine
+    from ui.sessions import Session
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    hosting = Hosting.public_profile(["smollm2-135m-instruct", str(folder)], "cpu")
+    hosting.limits = hosting.limits.replace(model_switches_per_minute=2)
+    engine, visitor, other = Engine(device="cpu", hosting=hosting), Session(), Session()
+    engine.default_model = "smollm2-135m-instruct"  # what a loaded model sets (nothing loads here)
+    clock = [1000.0]
+    monkeypatch.setattr(sessions.time, "monotonic", lambda: clock[0])
+    engine.choose(visitor, "other")
+    engine.choose(visitor, "other")  # the same model again: no switch
+    engine.choose(visitor, "smollm2-135m-instruct")
+    clock[0] += 20
+    with pytest.raises(LimitExceeded, match="model switches: 2 in the last minute") as caught:
+        engine.choose(visitor, "other")
+    assert "try again in 40 s" in str(caught.value)
+    assert visitor.model == "smollm2-135m-instruct"  # a refused switch changes nothing
+    engine.choose(other, "other")  # another visitor has their own count
+    clock[0] += 41
+    assert engine.choose(visitor, "other") == str(folder)  # the oldest switch is a minute old
+
+
+@pytest.mark.model
+def test_a_model_switch_frees_the_previous_models_caches_first(tmp_path):
+    """The old model serves until the new one has loaded, but its memoized ids, statistics, ranks
+    and dense perplexities go before the load: the server holds one model's caches at a time."""
+    import gc
+    import weakref
+
+    from tiny import save_tiny_chat_model
+
+    from ui.engine import Engine
+
+    first, second = (save_tiny_chat_model(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 1)))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Sentence {i} of a short text for a tiny model." for i in range(200)))
+    engine = Engine(device="cpu")
+    lab = engine.load(str(first))
+    recipe = Recipe(
+        model=str(first),
+        device="cpu",
+        calibration=CalibrationSpec(source="file", path=str(text), nsamples=2, seqlen=32),
+        stats_mode="cached",
+        evaluation=EvalSpec((str(text),), 32, 1),
+    )
+    lab.run(recipe)
+    caches = (lab.pruner._ids, lab.pruner._stats, lab.pruner._ranks, lab._dense_ppl)
+    assert len(lab.pruner._ranks) and len(lab._dense_ppl)  # what a cached-statistics run keeps
+    gone = weakref.ref(lab)
+    engine.load(str(second))
+    assert [len(cache) for cache in caches] == [0, 0, 0, 0]
+    del lab
+    gc.collect()
+    assert gone() is None and engine.lab.loaded.name == str(second)
+
+
 # ----- generation: cancel and per-request seeding (tiny model with SmolLM2's tokenizer) --------------
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
@@ -461,11 +539,13 @@ def test_every_refusal_is_a_quick_message_without_paths_while_a_job_runs(public)
     alice, bob = visitor(public), visitor(public)
     job = alice.submit(api_name="/prune", **HEAVY_RUN)
     time.sleep(1.0)
+    second = alice.submit(api_name="/prune", **SMALL)  # waits: one running and one waiting each
+    wait_for(lambda: outputs_so_far(second) >= 2, what="the second job admitted")  # "Waiting ... ahead"
     calls = {
         "a server folder": lambda: bob.predict("/etc", "", api_name="/load_model"),
         "a missing folder": lambda: bob.predict("/no/such/model", "", api_name="/load_model"),
         "a private hub id": lambda: bob.predict("", "meta-llama/Llama-2-7b-hf", api_name="/load_model"),
-        "a second job": lambda: alice.predict(api_name="/prune", **SMALL),
+        "a third job": lambda: alice.predict(api_name="/prune", **SMALL),
         "too much calibration": lambda: bob.predict(api_name="/prune", **dict(SMALL, nsamples=10**6)),
         "the whole test set": lambda: bob.predict(api_name="/prune", **dict(SMALL, eval_windows=0)),
         "too many study points": study_call(bob, "single", ",".join(map(str, range(100))), 1, 64),
@@ -489,6 +569,7 @@ def test_every_refusal_is_a_quick_message_without_paths_while_a_job_runs(public)
         ),  # fmt: skip
     }
     limits = {  # what each refusal names
+        "a third job": "you already have a job running and one waiting",
         "too many study points": "study points (grid values x series): 700 asked, this server allows at most",
         "magnitude + OWL calibration": "calibration tokens (samples x tokens per sample): 128,000,000 asked",
         "a single study over the window length": "tokens per evaluation window: 100,000 asked",
@@ -510,9 +591,152 @@ def test_every_refusal_is_a_quick_message_without_paths_while_a_job_runs(public)
     text = bob.predict(api_name="/readout", calibration_file=None, eval_file=None)
     assert "Will prune" in text and time.monotonic() - start < 1.0
     alice.predict(api_name="/cancel")  # the job has done its part: no need to wait for its end
-    message, _ = refusal(lambda: job.result(timeout=30))
-    assert "cancelled" in message.lower()
+    for cancelled in (job, second):
+        message, _ = refusal(lambda: cancelled.result(timeout=30))  # noqa: B023 - called at once
+        assert "cancelled" in message.lower()
     assert public.alive()
+
+
+# light handlers an endpoint hidden with api_name=False may run: none touches the model or its
+# line (readouts, previews, estimates, copying a slider's value, a page's refresh, Gradio's examples)
+HIDDEN_LIGHT = {
+    "live_readout",
+    "memory_plan",
+    "speed_note",
+    "estimate",
+    "grid_for",
+    "<lambda>",
+    "load_example",
+}
+
+
+@pytest.mark.model
+def test_every_hidden_endpoint_is_a_checked_heavy_twin_or_light(tmp_path):
+    """Every event a script can call by fn_index: a hidden heavy one is the very handler of a public
+    endpoint (the same size check, admission and session check at ``Engine.heavy``), a hidden
+    light one is in the list above; and every handler that reaches the model is in the heavy group."""
+    import inspect
+
+    from tiny import save_tiny_chat_model
+
+    import app
+    from ui.common import HEAVY_GROUP
+    from ui.engine import Engine
+
+    folder = save_tiny_chat_model(tmp_path / "tiny-chat")
+    engine = Engine(device="cpu", hosting=Hosting.public_profile([str(folder)], "cpu"))
+    engine.load(str(folder))
+    fns = [fn for fn in app.build_demo(engine).fns.values() if fn.fn is not None]
+    public_handlers = {fn.fn for fn in fns if fn.api_visibility == "public"}
+    hidden = [fn for fn in fns if fn.api_visibility != "public"]
+    assert hidden
+    for fn in hidden:
+        if fn.concurrency_id == HEAVY_GROUP:
+            assert fn.fn in public_handlers, fn.name
+        else:
+            assert getattr(fn.fn, "__name__", "") in HIDDEN_LIGHT, fn.name
+
+    def reaches_the_model(handler) -> bool:
+        source = inspect.getsource(inspect.unwrap(getattr(handler, "func", handler)))
+        return "engine.heavy(" in source or "switch_model(" in source
+
+    heavy = {fn.fn for fn in fns if fn.concurrency_id == HEAVY_GROUP}
+    assert heavy == {fn.fn for fn in fns if reaches_the_model(fn.fn)}
+    assert len(heavy) >= 9  # prune, measure, 2:4, load, generate, speed, tasks, study, allocate, export
+
+
+def outputs_so_far(job) -> int:
+    return len(job.outputs())
+
+
+def wait_for(condition, seconds: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.model
+def test_a_burst_of_one_visitor_is_refused_and_light_calls_answer_while_every_heavy_thread_waits(public):
+    """Public CPU profile: 4 heavy threads, one running and one waiting job per session. Alice
+    bursts 10 prunes: two are admitted, the other 8 are refused with the reason (each takes a free
+    heavy thread for a moment). Carol's two jobs then take the last two heavy threads, so Bob's
+    prune waits in Gradio's queue with no thread, and Bob's readout still answers: every step is
+    checked by what has happened (statuses, outputs), not by timing."""
+    from gradio_client.utils import Status
+
+    alice, carol, bob = visitor(public), visitor(public), visitor(public)
+    long_run = dict(HEAVY_RUN, seed=11)  # a calibration no earlier test made: the run takes a while
+    burst = [alice.submit(api_name="/prune", **long_run) for _ in range(10)]
+    wait_for(lambda: sum(job.done() for job in burst) == 8, what="8 refusals")
+    admitted = [job for job in burst if not job.done()]
+    refused = [job for job in burst if job.done()]
+    for job in refused:
+        message, _ = refusal(lambda: job.result(timeout=1))  # noqa: B023 - called at once
+        assert "you already have a job running and one waiting" in message, message
+    assert len(admitted) == 2
+    carols = [carol.submit(api_name="/prune", **long_run) for _ in range(2)]
+    wait_for(lambda: all(outputs_so_far(job) for job in carols), what="carol's jobs on heavy threads")
+    queued = bob.submit(api_name="/prune", **SMALL)
+    wait_for(lambda: queued.status().code == Status.IN_QUEUE, what="bob's job in Gradio's queue")
+    text = bob.predict(api_name="/readout", calibration_file=None, eval_file=None)
+    assert "Will prune" in text
+    # the order: the readout came back while all four heavy threads were taken and Bob's job waited
+    assert not any(job.done() for job in admitted + carols)
+    assert queued.status().code == Status.IN_QUEUE and outputs_so_far(queued) == 0
+    bob.predict(api_name="/cancel")  # light too; nothing of Bob's was admitted yet
+    alice.predict(api_name="/cancel")
+    carol.predict(api_name="/cancel")
+    for job in admitted + carols:
+        message, _ = refusal(lambda: job.result(timeout=60))  # noqa: B023 - called at once
+        assert "cancelled" in message.lower()
+    assert queued.result(timeout=120)[4]["pruned"] > 0  # Bob's job ran once a thread was free
+
+
+@pytest.mark.model
+def test_a_hidden_endpoint_called_by_index_checks_the_limits(public):
+    """``api_name=False`` hides an endpoint from the API page, not from the queue: Enter in the
+    prompt box is the same checked handler as /generate, called here by its fn_index over raw HTTP
+    as any script could."""
+    import json
+    import urllib.request
+    import uuid
+
+    with urllib.request.urlopen(public.url + "config", timeout=10) as response:
+        config = json.load(response)
+    public_inputs = {tuple(d["inputs"]) for d in config["dependencies"] if d["api_name"] == "generate"}
+    hidden = [
+        d["id"]
+        for d in config["dependencies"]
+        if d["api_visibility"] == "private" and tuple(d["inputs"]) in public_inputs
+    ]
+    assert len(hidden) == 1  # the prompt's submit
+    session = uuid.uuid4().hex
+    body = dict(
+        data=["Hi", 512, True, 0.7, 0.9, 0, True, None, "full precision"],
+        fn_index=hidden[0],
+        session_hash=session,
+        event_data=None,
+        trigger_id=None,
+    )
+    request = urllib.request.Request(
+        public.url + "gradio_api/queue/join",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+    done = None
+    with urllib.request.urlopen(
+        public.url + f"gradio_api/queue/data?session_hash={session}", timeout=30
+    ) as stream:
+        for line in stream:
+            if line.startswith(b"data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    done = message
+                    break
+    assert done is not None and done["success"] is False
+    assert "new tokens: 512 asked, this server allows at most 256" in json.dumps(done["output"])
 
 
 @pytest.mark.model

@@ -18,6 +18,7 @@ from runtime.apply import DenseWeights
 from runtime.memory import (
     Budget,
     ConfigUnavailable,
+    DoesNotFit,
     GiB,
     MemoryPlanError,
     Workload,
@@ -632,14 +633,41 @@ def test_the_previews_and_the_loader_pick_the_same_placement(
     if isinstance(loader, MemoryPlanError):
         said = f"refused: {loader}"
         assert cli_lines == [said]
-        shown = str(loader).replace(" GiB", "\u00a0GiB")  # sizes do not wrap on the page
-        assert app is None or app == f"**Memory plan:** this model does not fit here: {shown}"
+        said_on_page = (
+            f"{folder} does not fit in this server's memory: it {loader.shortfall}. "
+            "Choose a smaller model, or fewer calibration samples and evaluation windows."
+        ).replace(" GiB", "\u00a0GiB")  # sizes do not wrap on the page
+        assert app is None or app == f"**Memory plan:** {said_on_page}"
     else:
         said = loader.headline()
         assert cli_lines[0] == f"memory plan: {said}"
         assert app is None or app.startswith(f"**Memory plan:** {said}  \n")
         assert loader.device == "cuda:0" and loader.budget.capped == tuple(parse_max_memory(max_memory))
     assert said.startswith(expected)
+
+
+def test_a_load_that_does_not_fit_reaches_a_visitor_as_one_message(tmp_path, monkeypatch):
+    """The loader's refusal names CLI flags and says "does not fit" twice over; a visitor gets one
+    sentence: the model by its shown name, what is missing, what they can change, no path."""
+    from ui.common import to_message
+    from ui.engine import Engine
+    from ui.hosting import Hosting
+
+    folder = tmp_path / "big-llama"
+    llama(LLAMA_7B).save_pretrained(folder)  # the config alone
+    _fake_gpus(monkeypatch, 2, 0.3)
+    engine = Engine(device="cuda:0", hosting=Hosting.public_profile([str(folder)], "cuda"))
+    with pytest.raises(DoesNotFit) as caught:
+        engine.load(str(folder))
+    message = str(caught.value)
+    assert message == (
+        f"big-llama does not fit in this server's memory: it {caught.value.shortfall}. "
+        "Choose a smaller model, or fewer calibration samples and evaluation windows."
+    )
+    assert caught.value.shortfall.startswith("needs ") and " GiB on " in caught.value.shortfall
+    assert str(tmp_path) not in message and "--" not in message and "\n" not in message
+    assert to_message(caught.value).message == message  # what the page shows, as it is
+    assert engine.lab is None  # nothing was loaded
 
 
 def _tiny_folder(folder):

@@ -20,11 +20,15 @@ from prune.errors import Cancelled, OutOfMemory, as_lab_error
 log = logging.getLogger("pruning-lab")
 
 # One heavy job on the model at a time, across every tab and user: ``Engine.heavy`` admits a job
-# at once (or refuses it: one pending job per session, a bounded line) and queues it first come,
-# first served, showing the position; so Gradio itself starts heavy handlers without waiting.
-# Light events (readouts, presets) never wait behind a heavy job.
-HEAVY = dict(concurrency_limit=None)
+# (or refuses it: public, one running and one waiting per session) and queues it first come, first
+# served, showing the position. A waiting heavy handler holds a Gradio thread, so every heavy event
+# is in one concurrency group whose limit is the queue's default, the host's ``heavy_threads``
+# (``app.main``): what waits beyond it waits in Gradio's queue (``queue_size``) without a thread,
+# and the other threads (``LIGHT_THREADS``) stay free, so readouts and Cancel always answer.
+HEAVY_GROUP = "heavy"
+HEAVY = dict(concurrency_id=HEAVY_GROUP, concurrency_limit="default")
 LIGHT = dict(concurrency_limit=None, show_progress="hidden")
+LIGHT_THREADS = 36  # Gradio threads beside the heavy ones (Gradio's own default: 40 in all)
 
 # Gradio gives each call a fresh tracker in place of this default (blocks.create_tracker), so one
 # module-level instance is safe to share.

@@ -26,9 +26,10 @@ from evaluation.lab import Lab, RunResult
 from prune.jobs import JobSize
 from prune.progress import Event, Progress, cancellable, silent
 from prune.recipe import Recipe
+from runtime.memory import DoesNotFit
 from runtime.models import OFFLINE_MODELS, ModelLoadError
 from ui import zerogpu
-from ui.hosting import REFUSED_MODEL, Hosting, ModelRefused, gpu_seconds
+from ui.hosting import REFUSED_MODEL, Hosting, ModelRefused, does_not_fit, gpu_seconds
 from ui.job_queue import JobQueue
 from ui.jobs import Emit, run_job
 from ui.recipes import ModelShape
@@ -52,7 +53,8 @@ class Engine:
         self.tokens_per_s: float | None = None  # last measured forward throughput (for time estimates)
         self._load_lock = threading.Lock()
         self.known: dict[str, ModelFacts] = {}  # model name -> what light handlers need
-        self.jobs = JobQueue(self.hosting.limits.queue_size)
+        # the line for the model is as long as the heavy threads that wait in it, at most
+        self.jobs = JobQueue(self.hosting.limits.heavy_threads)
         self.sessions = SessionBook(self.hosting)
         self.swaps = 0
         self.last_load_s = 0.0
@@ -68,12 +70,16 @@ class Engine:
             raise ModelLoadError("no model given: pick one from the list or type a hub id or local folder")
         with self._load_lock:
             start = time.perf_counter()
+            if self.lab is not None:
+                self.lab.drop_caches()  # one model's caches in memory at a time, even while loading
             try:
                 lab = Lab.open(
                     Recipe(model=name, dtype=self.dtype, device=self.device),
                     progress,
                     token=None if token is None or token else False,
                 )
+            except DoesNotFit as err:
+                raise DoesNotFit(does_not_fit(self.hosting.display(name), err), err.shortfall) from None
             except ModelLoadError as err:
                 if self.hosting.public:
                     raise ModelRefused(
@@ -166,7 +172,10 @@ class Engine:
         """Record a session's model choice (checked against the hosting profile). Its pruned state
         was for its previous model, so it goes; nobody else's work changes."""
         resolved, token_ok = self.hosting.resolve(name)
-        if resolved != self.model_for(session) or session.masks_model not in (None, resolved):
+        switched = resolved != self.model_for(session)
+        if switched:
+            self.sessions.allow_switch(session)  # refused at once past the host's rate
+        if switched or session.masks_model not in (None, resolved):
             session.drop_state()
         session.model, session.token_ok = resolved, token_ok
         return resolved

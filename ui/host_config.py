@@ -116,7 +116,8 @@ class Setting:
         if not self.limit:
             return self.default
         cpu, gpu = (_amount(getattr(Limits.for_device(device), self.limit)) for device in ("cpu", "cuda"))
-        return f"public: {cpu} (CPU), {gpu} (GPU); local: none"
+        public = cpu if cpu == gpu else f"{cpu} (CPU), {gpu} (GPU)"
+        return f"public: {public}; local: none"
 
 
 def _amount(value: float) -> str:
@@ -191,9 +192,30 @@ SETTINGS: tuple[Setting, ...] = (
         "characters of text read from an uploaded file (and rows: 1/16 of it), counted while it is read",
         limit="upload_chars",
     ),
-    Setting("queue_size", "--queue-size", "count", "heavy jobs waiting at most", limit="queue_size"),
+    Setting(
+        "queue_size",
+        "--queue-size",
+        "count",
+        "requests waiting for a heavy thread at most (Gradio's queue)",
+        limit="queue_size",
+    ),
+    Setting(
+        "heavy_threads",
+        "--heavy-threads",
+        "count",
+        "threads for heavy jobs (one runs on the model, the others wait in its line); the rest "
+        "answer readouts and cancels",
+        limit="heavy_threads",
+    ),
     Setting(
         "job_seconds", "--job-seconds", "number", "time limit of one heavy job, seconds", limit="job_seconds"
+    ),
+    Setting(
+        "model_switches_per_minute",
+        "--model-switches-per-minute",
+        "count",
+        "model switches per visitor and minute",
+        limit="model_switches_per_minute",
     ),
     Setting(
         "zero_gpu_seconds",

@@ -24,6 +24,7 @@ from evaluation.share import display, looks_like_path
 from evaluation.tasks import estimate_seconds
 from prune.errors import LabError
 from prune.jobs import JobSize
+from runtime.memory import DoesNotFit
 from runtime.models import OFFLINE_MODELS
 
 # One message for every model a visitor may not have, exists or not, so nobody can probe the disk.
@@ -51,9 +52,14 @@ class Limits:
     new_tokens: int | None = None
     upload_mb: float | None = None  # Gradio max_file_size
     upload_chars: int | None = None  # characters of text decoded from one upload (runtime.files)
-    queue_size: int | None = None  # Gradio queue max_size
+    queue_size: int | None = None  # Gradio queue max_size: requests waiting for a heavy thread
+    # Gradio threads that serve heavy events (one concurrency group; ``ui.common.HEAVY``): the
+    # other threads stay free for light ones (readouts, cancel), and the line of jobs for the
+    # model (``ui.job_queue.JobQueue``) is never longer than this
+    heavy_threads: int | None = None
     pending_per_session: int = 1  # heavy jobs waiting or running per browser session
     job_seconds: float | None = None  # a heavy job is cancelled past this
+    model_switches_per_minute: int | None = None  # per session: each switch reloads the model
 
     @classmethod
     def for_device(cls, device_type: str) -> Limits:
@@ -69,7 +75,10 @@ class Limits:
                 upload_mb=50,
                 upload_chars=16_000_000,
                 queue_size=64,
+                heavy_threads=8,
+                pending_per_session=2,
                 job_seconds=1800,
+                model_switches_per_minute=4,
             )
         return cls(
             calibration_tokens=32 * 512,
@@ -81,7 +90,10 @@ class Limits:
             upload_mb=10,
             upload_chars=2_000_000,  # 1.5 WikiText-2 test sets; tokenizing it peaks at ~300 MB
             queue_size=32,
+            heavy_threads=4,
+            pending_per_session=2,
             job_seconds=600,
+            model_switches_per_minute=4,
         )
 
     @classmethod
@@ -123,11 +135,30 @@ class Limits:
             ("upload_mb", lambda v: f"uploads ≤ {v:g} MB"),
             ("upload_chars", lambda v: f"≤ {v:,} characters of text per upload"),
             ("job_seconds", lambda v: f"≤ {v / 60:g} min per job"),
+            ("model_switches_per_minute", lambda v: f"≤ {v} model switches a minute"),
         ]
         parts = [text(getattr(self, name)) for name, text in shown if getattr(self, name) is not None]
         if self.pending_per_session < 1000:
-            parts.append(f"{self.pending_per_session} job at a time per visitor")
+            parts.append(f"{pending_words(self.pending_per_session)} per visitor")
         return "Limits on this server: " + ", ".join(parts) + "." if parts else ""
+
+
+def pending_words(limit: int) -> str:
+    """``limit`` heavy jobs of one session in words: 'a job running and one waiting'."""
+    if limit == 1:
+        return "a job waiting or running"
+    if limit == 2:
+        return "a job running and one waiting"
+    return f"{limit} jobs running or waiting"
+
+
+def does_not_fit(model: str, err: DoesNotFit) -> str:
+    """The memory plan's refusal as a visitor reads it: one sentence, the model by its shown name,
+    what is missing, and what they can change (the loader's advice names CLI flags)."""
+    return (
+        f"{model} does not fit in this server's memory: it {err.shortfall}. Choose a smaller model, "
+        "or fewer calibration samples and evaluation windows."
+    )
 
 
 def _at_most(what: str, asked: int | None, limit: int | None) -> None:

@@ -29,7 +29,7 @@ from runtime.paths import data_dir
 from ui import plots
 from ui.common import HEAVY, LIGHT, PROGRESS, LabTab, figure_box, no_api, user_errors
 from ui.engine import Engine
-from ui.hosting import Limits
+from ui.hosting import Limits, does_not_fit
 from ui.recipes import (
     CALIBRATION_CHOICES,
     EVAL_CHOICES,
@@ -170,8 +170,8 @@ def memory_plan_markdown(engine: Engine, name: str, recipe: Recipe) -> str:
         plan = memory.plan_for_source(config, dtype, device, workload, token=None if token_ok else False)
     except memory.ConfigUnavailable:
         return ""
-    except memory.MemoryPlanError as err:
-        return f"**Memory plan:** this model does not fit here: {unbroken(str(err))}"
+    except memory.DoesNotFit as err:
+        return f"**Memory plan:** {unbroken(does_not_fit(engine.hosting.display(name), err))}"
     except LabError:
         return ""
     rows = "".join(
@@ -197,6 +197,7 @@ def unbroken(text: str) -> str:
 
 
 def make_plan_handler(engine: Engine):
+    @user_errors
     def memory_plan(choice: str, custom: str, **values) -> str:
         """The memory plan for the model picked (not loaded yet) with the settings on the page."""
         try:

@@ -31,7 +31,7 @@ from prune.recipe import Recipe
 from prune.state import PrunedState
 from prune.structured import Structure
 from ui.host import trim_heap
-from ui.hosting import Hosting, LimitExceeded
+from ui.hosting import Hosting, LimitExceeded, pending_words
 from ui.uploads import discard
 
 # Every session's files, below; a fresh folder per server process, removed when it exits. It lies in
@@ -93,6 +93,7 @@ class Session:
     output: dict | None = None  # the last run's result as the CLI prints it (export, push, card)
     studies: dict[str, Any] = field(default_factory=dict)  # study kind -> its last StudyResult
     uploads: set[str] = field(default_factory=set)  # the files it uploaded (deleted when it expires)
+    switches: list[float] = field(default_factory=list)  # when it switched models (last minute)
 
     def __deepcopy__(self, memo: dict) -> Session:
         """Gradio deep-copies the State's initial value for every new browser session: a new Session."""
@@ -136,17 +137,39 @@ class SessionBook:
         self._start_reaper()
 
     def admit(self, session: Session) -> CancelToken:
-        """A token for one more heavy job of ``session``; refused at once when it has one pending."""
+        """A token for one more heavy job of ``session``; refused at once when it has as many
+        pending as the host allows (public: one running and one waiting), so one visitor cannot
+        fill the line that every other visitor waits in."""
         self.touch(session)
+        limit = self.hosting.limits.pending_per_session
         with self._lock:
             tokens = self._running.setdefault(session.uid, set())
-            if len(tokens) >= self.hosting.limits.pending_per_session:
+            if len(tokens) >= limit:
                 raise LimitExceeded(
-                    "you already have a job waiting or running: wait for it to finish or press Cancel"
+                    f"you already have {pending_words(limit)}: the most this server allows per "
+                    "visitor; wait for one to finish or press Cancel"
                 )
             token = CancelToken()
             tokens.add(token)
         return token
+
+    def allow_switch(self, session: Session) -> None:
+        """Count a model switch of ``session``; refused when it switched the host's limit of times
+        in the last minute (each switch loads a model and empties the previous one's caches, for
+        every visitor)."""
+        limit = self.hosting.limits.model_switches_per_minute
+        if limit is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in session.switches if now - t < 60.0]
+            if len(recent) >= limit:
+                wait = 60.0 - (now - recent[0])
+                raise LimitExceeded(
+                    f"model switches: {limit} in the last minute, the most this server allows per "
+                    f"visitor (every switch reloads the model); try again in {max(1, round(wait))} s"
+                )
+            session.switches = [*recent, now]
 
     def release(self, session: Session, token: CancelToken) -> None:
         with self._lock:
