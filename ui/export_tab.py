@@ -21,10 +21,10 @@ import gradio as gr
 from evaluation.share import shareable_recipe
 from prune.jobs import job_size
 from prune.progress import Event, Progress
-from runtime.hub import HubError
+from runtime.hub import HubError, on_a_space
 from ui.common import HEAVY, LIGHT, PROGRESS, user_errors
 from ui.engine import Engine
-from ui.hosting import DISK, on_a_space
+from ui.hosting import DISK
 from ui.sessions import EXPORT_ROOT, Session
 
 
