@@ -369,6 +369,31 @@ def test_a_cancelled_waiting_job_leaves_the_queue_at_once():
     assert not jobs.busy
 
 
+def test_a_visitors_second_job_waits_for_another_visitors_first():
+    """Turns, not arrival: Alice runs one job and queues a second; Bob's first, sent later, starts
+    before Alice's second; between visitors with one job each the line stays first come first served."""
+    jobs, started, threads = JobQueue(max_size=8), [], []
+    first = jobs.acquire(CancelToken(), owner="alice")
+
+    def join(name: str, owner: str) -> None:
+        ticket = jobs.acquire(CancelToken(), owner=owner)
+        started.append(name)
+        jobs.release(ticket)
+
+    for name, owner in [("alice-2", "alice"), ("bob-1", "bob"), ("carol-1", "carol"), ("alice-3", "alice")]:
+        seen = len(jobs)
+        threads.append(threading.Thread(target=join, args=(name, owner)))
+        threads[-1].start()
+        while len(jobs) == seen:  # in the line before the next one arrives
+            time.sleep(0.01)
+    assert len(jobs) == 5  # one running, four waiting
+    jobs.release(first)
+    for thread in threads:
+        thread.join(5)
+    assert started == ["bob-1", "carol-1", "alice-2", "alice-3"]
+    assert not jobs.busy and len(jobs) == 0
+
+
 def test_a_session_has_one_job_running_and_one_waiting_and_the_third_is_refused():
     from ui.sessions import Session, SessionBook
 

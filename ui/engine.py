@@ -237,7 +237,7 @@ class Engine:
 
         def job(emit: Emit) -> Any:
             with cancellable(token):
-                ticket = self.jobs.acquire(token, lambda ahead: emit("queue", ahead))
+                ticket = self.jobs.acquire(token, lambda ahead: emit("queue", ahead), session.uid)
                 try:
                     if seconds:
                         token.deadline = time.monotonic() + seconds
