@@ -223,6 +223,7 @@ class Engine:
         """An evicted state pruned again from the session's recipe (what ``run`` pruned: the same
         calibration ids and seed, so the same masks; the digest checks it), kept again."""
         start = time.perf_counter()
+        gc.collect()  # as in ``run``: earlier full states go before another is made
         try:
             result = lab.prune(session.recipe, key=session.key)
         except (Cancelled, OutOfMemory):
