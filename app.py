@@ -102,6 +102,8 @@ def hosting_from(args: argparse.Namespace, device_type: str):
     )
     if args.session_ttl is not None:
         hosting.session_ttl_s = 60 * args.session_ttl
+    if args.state_budget_mb is not None:
+        hosting.state_budget_mb = args.state_budget_mb
     if args.zero_gpu_seconds is not None:
         hosting.zero_gpu_max_s = args.zero_gpu_seconds
     return hosting

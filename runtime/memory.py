@@ -320,6 +320,17 @@ def _capped(free: int, cap: int | None) -> int:
     return free if cap is None else min(free, cap)
 
 
+STATE_SHARE = 0.25  # of the CPU memory free once the model is in: visitors' kept pruned states
+STATE_CAP = 2 * GiB
+
+
+def state_budget(budget: Budget) -> int:
+    """Bytes a public app keeps for its sessions' pruned states (masks at 1 bit per weight, on the
+    CPU; ``ui.sessions.SessionBook``): a share of the CPU memory free after the model loaded, at
+    most ``STATE_CAP``; a state evicted past it is pruned again from its recipe when needed."""
+    return int(min(STATE_CAP, STATE_SHARE * budget.cpu_free))
+
+
 # ----- what a run asks for -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:

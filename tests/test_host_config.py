@@ -22,6 +22,7 @@ SPACE = {
     "PRUNING_LAB_ALLOW_CUSTOM_MODELS": "yes",
     "PRUNING_LAB_AUTH": "ada:lovelace,alan:tu:ring",
     "PRUNING_LAB_SESSION_TTL": "15",
+    "PRUNING_LAB_STATE_BUDGET_MB": "64",
     "PRUNING_LAB_MAX_CALIBRATION_TOKENS": "4096",
     "PRUNING_LAB_MAX_EVAL_WINDOWS": "3",
     "PRUNING_LAB_MAX_EVAL_SEQLEN": "256",
@@ -54,6 +55,7 @@ def test_environment_variables_configure_every_hosting_setting(tmp_path):
     assert limits.upload_chars == 12345
     assert (limits.heavy_threads, limits.model_switches_per_minute) == (3, 2)
     assert hosting.session_ttl_s == 15 * 60 and hosting.zero_gpu_max_s == 60.0
+    assert hosting.state_budget_mb == 64.0
     assert args.auth == [("ada", "lovelace"), ("alan", "tu:ring")]  # a password may hold a colon
     assert (args.cache_entries, args.cache_mb, args.disk_cache_mb) == (2, 256.0, 0.0)
     assert args.data_dir == str(tmp_path.resolve())

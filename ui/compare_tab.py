@@ -54,7 +54,7 @@ def settings_from(max_new_tokens, greedy, temperature, top_p, seed, chat) -> Dec
 def need_pruned(engine: Engine, session: Session) -> None:
     """A message right away when the session has nothing to compare with the original."""
     engine.check_session(session)
-    if session.state is None:
+    if not session.has_pruned:
         raise gr.Error("Nothing pruned in this session yet: press 'Prune & evaluate' on the Prune tab first.")
 
 
@@ -106,6 +106,8 @@ def make_generate(engine: Engine):
                 dense = payload
             elif kind == "pruned":
                 pruned = payload
+            elif kind == "done":
+                note = engine.noted(session, note)
             yield [dense, pruned, note]
 
     return generate
@@ -128,7 +130,7 @@ def make_speed(engine: Engine):
         yield "Measuring dense and pruned, alternating..."
         for kind, payload in engine.heavy(session, work, size):
             if kind == "speed":
-                yield "\n".join(f"- {line}" for line in payload.lines())
+                yield engine.noted(session, "\n".join(f"- {line}" for line in payload.lines()))
 
     return speed
 

@@ -107,9 +107,8 @@ def make_handlers(engine: Engine):
                 progress(payload.fraction, desc=payload.message)
         result = payload
         scope = "all documents" if result["limit"] is None else f"the first {result['limit']} documents"
-        status = (
-            f"Run #{session.runs}: {len(result['tasks'])} tasks, {scope} per task, {result['seconds']:.0f} s."
-        )
+        took = f"{len(result['tasks'])} tasks, {scope} per task, {result['seconds']:.0f} s."
+        status = engine.noted(session, f"Run #{session.runs}: {took}")
         raw = scrub(result) if engine.hosting.public else result
         yield [table(result["rows"]), plots.render(plots.task_bars, result["rows"]), status, raw]
 

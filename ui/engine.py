@@ -23,18 +23,23 @@ import torch
 from torch import nn
 
 from evaluation.lab import Lab, RunResult
+from prune.errors import Cancelled, LabError, OutOfMemory
 from prune.jobs import JobSize
 from prune.progress import Event, Progress, cancellable, silent
 from prune.recipe import Recipe
-from runtime.memory import DoesNotFit
+from prune.state import PrunedState
+from runtime.memory import DoesNotFit, available, state_budget
 from runtime.models import OFFLINE_MODELS, ModelLoadError
 from ui import zerogpu
+from ui.host import trim_heap
 from ui.hosting import REFUSED_MODEL, Hosting, ModelRefused, does_not_fit, gpu_seconds
 from ui.job_queue import JobQueue
 from ui.jobs import Emit, run_job
 from ui.recipes import ModelShape
 from ui.registry import KNOWN_MODELS, ModelFacts, facts
 from ui.sessions import PackedState, Session, SessionBook, StaleSession
+
+EVICTED = "your pruned model was evicted to make room for other visitors"
 
 
 class Engine:
@@ -99,6 +104,8 @@ class Engine:
             self.last_load_s = time.perf_counter() - start
             if self.default_model is None:
                 self.default_model = lab.loaded.name
+            if self.hosting.public and self.sessions.budget is None:  # the memory plan's, once
+                self.sessions.budget = state_budget(available("cpu"))
             self._remember(lab)
             del old
             gc.collect()
@@ -182,7 +189,7 @@ class Engine:
 
     # ----- sessions -------------------------------------------------------------------------------
     def check_session(self, session: Session) -> None:
-        if session.state is not None and session.masks_model != self.model_for(session):
+        if session.has_pruned and session.masks_model != self.model_for(session):
             was, now = (
                 self.hosting.display(session.masks_model),
                 self.hosting.display(self.model_for(session)),
@@ -193,25 +200,63 @@ class Engine:
         """Prune and evaluate for ``session`` and keep its state (1 bit per weight) for its later
         jobs; the model stays in this session's state, so its next job copies nothing."""
         lab = self.ensure(session, progress)
+        self.sessions.check_size(mask_bytes(lab, recipe))  # refused before anything is pruned
+        gc.collect()  # earlier runs' full states (1 byte a weight) wait in finished jobs' cycles
         result = lab.run(recipe, progress, key=(session.uid, session.runs + 1))
         session.runs += 1
         session.recipe = recipe
-        session.state = PackedState.pack(result.prune.state)
         session.output = result.to_dict(lab.model_info())
         session.masks_model = lab.loaded.name
+        self.sessions.keep(session, PackedState.pack(result.prune.state))
         return result
 
     @contextmanager
     def pruned(self, session: Session) -> Iterator[nn.Module]:
         """The model in ``session``'s pruned state for the length of the block (the Lab holds its
-        lock); the Lab completes the compact state, whichever method made it."""
+        lock); the Lab completes the compact state, whichever method made it. An evicted state is
+        pruned again from the session's recipe first (``session.notice`` says so)."""
         self.check_session(session)
-        if session.state is None:
+        if not session.has_pruned:
             raise StaleSession("nothing pruned in this session yet: press 'Prune & evaluate' first")
         lab = self.ensure(session)
-        state = lab.state if lab.holds(session.state.key) else session.state.unpack()
+        if session.state is not None:
+            state = lab.state if lab.holds(session.state.key) else session.state.unpack()
+        elif lab.holds(session.key):  # evicted, but the model is still in it
+            state = lab.state
+        else:
+            state = self._rebuild(session, lab)
         with lab.using(state) as model:
             yield model
+
+    def _rebuild(self, session: Session, lab: Lab) -> PrunedState:
+        """An evicted state pruned again from the session's recipe (what ``run`` pruned: the same
+        calibration ids and seed, so the same masks; the digest checks it), kept again."""
+        start = time.perf_counter()
+        gc.collect()  # as in ``run``: earlier full states go before another is made
+        try:
+            result = lab.prune(session.recipe, key=session.key)
+        except (Cancelled, OutOfMemory):
+            raise
+        except LabError as err:
+            raise StaleSession(
+                f"{EVICTED} and cannot be rebuilt here ({err}): press 'Prune & evaluate' again"
+            ) from None
+        packed = PackedState.pack(result.state)
+        if packed.digest() != session.evicted:
+            lab.restore()
+            raise StaleSession(
+                f"{EVICTED}, and pruning again from your recipe gave other masks here: "
+                "press 'Prune & evaluate' again"
+            )
+        self.sessions.keep(session, packed)
+        session.notice = f"{EVICTED}; rebuilt from your recipe in {time.perf_counter() - start:.1f} s."
+        return result.state
+
+    @staticmethod
+    def noted(session: Session, text: str) -> str:
+        """``text`` after the session's pending notice (its state was rebuilt), said once."""
+        notice, session.notice = session.notice, ""
+        return f"{notice} {text}" if notice else text
 
     def note_throughput(self, tokens_per_s: float) -> None:
         if tokens_per_s > 0:
@@ -247,6 +292,7 @@ class Engine:
                     return work(emit)
                 finally:
                     self.jobs.release(ticket)
+                    trim_heap()  # what the job freed in its thread's arena goes back (``ui.host``)
 
         try:
             for kind, payload in run_job(job, token):
@@ -265,3 +311,17 @@ class Engine:
         if known is None:
             return gpu_seconds(None, limits, 0, cap=cap)
         return gpu_seconds(size, limits, known.parameters, self.tokens_per_s, cap)
+
+
+def mask_bytes(lab: Lab, recipe: Recipe) -> int:
+    """Bytes the recipe's masks will take packed (1 bit per weight, each row padded to whole bytes),
+    so a state larger than the budget is refused before the pruning; a structured state has none."""
+    if recipe.structured:
+        return 0
+    lm = lab.loaded
+    shapes = [
+        target.shape(lm.model)
+        for layer, role, target in lm.roles.items()
+        if recipe.sparsity_for(layer, role) > 0
+    ]
+    return sum(rows * -(-cols // 8) for rows, cols in shapes)

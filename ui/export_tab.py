@@ -104,9 +104,12 @@ def make_handlers(engine: Engine):
         size = payload.stat().st_size / 2**20
         yield [
             str(payload),
-            f"**{payload.name}** ({size:.0f} MiB): a save_pretrained folder with "
-            "safetensors weights, the tokenizer, recipe.json, pruning_result.json and the model card "
-            "(README.md). The server deletes it shortly after it has been downloaded: download it once.",
+            engine.noted(
+                session,
+                f"**{payload.name}** ({size:.0f} MiB): a save_pretrained folder with "
+                "safetensors weights, the tokenizer, recipe.json, pruning_result.json and the model card "
+                "(README.md). The server deletes it shortly after it has been downloaded: download it once.",
+            ),
         ]
 
     @user_errors

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prune.errors import LabError
 from runtime.cache import CacheLimits
+from runtime.memory import STATE_CAP, STATE_SHARE
 from runtime.paths import CACHE_ENV, DATA_ENV
 from ui.hosting import ZERO_GPU_MAX_S, Hosting, Limits
 
@@ -163,6 +164,15 @@ SETTINGS: tuple[Setting, ...] = (
         "number",
         "minutes an idle session keeps its masks and files",
         f"{Hosting.session_ttl_s / 60:g}",
+    ),
+    Setting(
+        "state_budget_mb",
+        "--state-budget-mb",
+        "number",
+        "MB of memory for every session's kept pruned state together (1 bit per pruned weight); past "
+        "it the oldest idle ones are evicted and pruned again from their recipe when used",
+        f"public: {STATE_SHARE:g} of the CPU memory free after the model loads, at most "
+        f"{STATE_CAP / 2**20:,.0f}; local: none",
     ),
     Setting(
         "max_calibration_tokens",

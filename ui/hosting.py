@@ -220,6 +220,7 @@ class Hosting:
     allow_custom: bool = False  # public: visitors may type hub ids (loaded without the host's token)
     limits: Limits = field(default_factory=Limits.none)
     session_ttl_s: float = 3600.0  # idle sessions are freed after this
+    state_budget_mb: float | None = None  # sessions' kept states; None: the memory plan's (public) or none
     export_free_mb: float = 2048.0  # an export needs this much free disk besides its own size
     zero_gpu_max_s: float = ZERO_GPU_MAX_S  # ZeroGPU: the most GPU time one job asks for
 

@@ -416,7 +416,10 @@ def make_measure_handler(engine: Engine):
             if kind == "queue":
                 yield [waiting_text(payload), gr.skip()]
         text = ", ".join(f"{dataset_label(ds)} {ppl:.3f}" for ds, ppl in payload.items())
-        yield [f"Run #{session.runs} measured again: pruned perplexity {text}", payload]
+        yield [
+            engine.noted(session, f"Run #{session.runs} measured again: pruned perplexity {text}"),
+            payload,
+        ]
 
     return measure_again
 
@@ -462,7 +465,7 @@ def make_speed_handler(engine: Engine):
             if kind == "queue":
                 yield f"Waiting for the model ({payload} jobs ahead) ..."
             elif kind == "done":
-                yield "  \n".join(payload.lines())
+                yield engine.noted(session, "  \n".join(payload.lines()))
 
     return measure_speed
 
@@ -745,7 +748,14 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
     name = (custom or "").strip() or (choice or "").strip()
     skip = [gr.skip()] * (len(ROLES) + 5)
     engine.sessions.touch(session)
-    previous = (session.model, session.token_ok, session.state, session.recipe, session.masks_model)
+    previous = (
+        session.model,
+        session.token_ok,
+        session.state,
+        session.evicted,
+        session.recipe,
+        session.masks_model,
+    )
     wanted = engine.hosting.display(engine.choose(session, name))  # refused at once, one message
     yield [f"Loading **{wanted}** ..."] + skip
 
@@ -760,7 +770,14 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
                 progress(0.5, desc=payload.message)
                 yield [f"Loading **{wanted}**: {payload.message}"] + skip
     except Exception:
-        session.model, session.token_ok, session.state, session.recipe, session.masks_model = previous
+        (
+            session.model,
+            session.token_ok,
+            session.state,
+            session.evicted,
+            session.recipe,
+            session.masks_model,
+        ) = previous
         yield refresh(engine, session) if session.model in (None, *engine.known) else [gr.skip()] + skip
         raise
     gr.Info(f"Loaded {wanted} for you in {engine.last_load_s:.1f} s" if engine.swaps else f"Loaded {wanted}")

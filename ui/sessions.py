@@ -1,15 +1,22 @@
 """Each browser session's own pruned state and the book of live sessions: who is alive, which
-jobs each one has waiting or running, and expiry after the host's TTL.
+jobs each one has waiting or running, the byte budget of their kept states, and expiry after the
+host's TTL.
 
 A session keeps its ``PrunedState`` compactly (``PackedState``): masks at one bit per weight on the
 CPU, the values of a weight-changing method left out; ``Lab.using`` solves those again from the
-recipe, so no session holds a second copy of rewritten weights.
+recipe, so no session holds a second copy of rewritten weights. All kept states together stay
+within the host's budget (``--state-budget-mb``): past it the oldest idle session's state is
+evicted, leaving its recipe and a digest of its masks, and ``Engine.pruned`` prunes it again from
+the recipe when the session comes back (checked against the digest: the same masks, bitwise).
 """
 
 from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
+import itertools
+import os
 import shutil
 import tempfile
 import threading
@@ -73,6 +80,15 @@ class PackedState:
     def nbytes(self) -> int:
         return sum(bits.nbytes for bits, _ in self.bits.values())
 
+    def digest(self) -> str:
+        """What an evicted state leaves of its masks: a rebuilt one must match it bit for bit."""
+        h = hashlib.sha256(repr(self.structure).encode())
+        for key in sorted(self.bits):
+            bits, shape = self.bits[key]
+            h.update(repr((key, shape)).encode())
+            h.update(np.ascontiguousarray(bits).tobytes())
+        return h.hexdigest()
+
 
 HISTORY_RUNS = 100  # runs a session's history table and plot keep (the oldest go first)
 
@@ -84,6 +100,8 @@ class Session:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # unique across app restarts too
     recipe: Recipe | None = None  # the last recipe as the visitor set it
     state: PackedState | None = None  # what it pruned to (keyed ``(uid, run)``)
+    evicted: str | None = None  # while its state is evicted: the masks' digest (the recipe rebuilds them)
+    notice: str = ""  # a line for its next result (its state was rebuilt)
     model: str | None = None  # the model this session chose (None: the host's default)
     masks_model: str | None = None  # the model its state belongs to
     token_ok: bool = True  # whether the host's Hugging Face token may be used for its model
@@ -106,8 +124,22 @@ class Session:
     def note_uploads(self, *paths: str | None) -> None:
         self.uploads.update(str(p) for p in paths if p)
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """The key of its latest pruned state (``Engine.run`` names each run's state so)."""
+        return self.uid, self.runs
+
+    @property
+    def has_pruned(self) -> bool:
+        """A state kept, or evicted with its recipe left to rebuild it."""
+        return self.state is not None or self.evicted is not None
+
+    def evict(self) -> None:
+        self.evicted, self.state = self.state.digest(), None
+
     def drop_state(self) -> None:
         self.state = None
+        self.evicted = None
         self.recipe = None
         self.output = None
         self.masks_model = None
@@ -117,17 +149,77 @@ class StaleSession(LabError):
     """The session has no pruned state for the model it works on now."""
 
 
+class StateTooLarge(LimitExceeded):
+    """One pruned state larger than the budget for every session's states together."""
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 2**20:,.1f} MB" if count >= 2**17 else f"{count / 2**10:,.1f} KB"
+
+
+_expired = itertools.count()  # names for the folders of expired sessions, removed after the lock
+
+
 class SessionBook:
-    """The live sessions, the cancel tokens of each one's pending jobs, and expiry: a session idle
-    longer than the host's TTL (and with no job) is expired by a reaper thread."""
+    """The live sessions, the cancel tokens of each one's pending jobs, the budget of their kept
+    states (``budget`` bytes, None: no budget) and expiry: a session idle longer than the host's
+    TTL (and with no job) is expired by a reaper thread."""
 
     def __init__(self, hosting: Hosting):
         self.hosting = hosting
+        mb = hosting.state_budget_mb
+        self.budget: int | None = None if mb is None else int(mb * 2**20)
+        self.evictions = 0
         self._sessions: dict[str, Session] = {}
         self._seen: dict[str, float] = {}
         self._running: dict[str, set[CancelToken]] = {}  # session uid -> tokens of its waiting/running jobs
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
+
+    # ----- kept states within the budget ----------------------------------------------------------
+    def kept_bytes(self) -> int:
+        """Bytes of every live session's kept state (``PackedState.nbytes``)."""
+        with self._lock:
+            return self._kept_bytes()
+
+    def _kept_bytes(self) -> int:
+        return sum(s.state.nbytes() for s in self._sessions.values() if s.state is not None)
+
+    def check_size(self, nbytes: int) -> None:
+        """Refuse a state that alone is larger than the budget (before it is computed, if possible)."""
+        if self.budget is not None and nbytes > self.budget:
+            raise StateTooLarge(
+                f"this pruning's masks take {megabytes(nbytes)} at 1 bit per weight, more than the "
+                f"{megabytes(self.budget)} this server keeps for every visitor's pruned model together: "
+                "prune fewer module types"
+            )
+
+    def keep(self, session: Session, state: PackedState) -> None:
+        """``state`` becomes ``session``'s, within the budget: the states of the sessions idle the
+        longest are evicted first, never one with a job waiting or running. If that does not make
+        room, ``state`` itself is evicted at once (its next job rebuilds it)."""
+        self.check_size(state.nbytes())
+        with self._lock:
+            self._sessions[session.uid] = session
+            self._seen.setdefault(session.uid, time.monotonic())
+            session.state, session.evicted = state, None
+            if self.budget is None:
+                return
+            idle = [
+                s
+                for s in self._sessions.values()
+                if s is not session and s.state is not None and not self._running.get(s.uid)
+            ]
+            used = self._kept_bytes()
+            for other in sorted(idle, key=lambda s: self._seen.get(s.uid, 0.0)):
+                if used <= self.budget:
+                    break
+                used -= other.state.nbytes()
+                other.evict()
+                self.evictions += 1
+            if used > self.budget:
+                session.evict()
+                self.evictions += 1
 
     def touch(self, session: Session) -> None:
         """Note that ``session`` is alive (idle sessions expire after the host's TTL)."""
@@ -186,20 +278,31 @@ class SessionBook:
 
     def expire(self, session: Session) -> None:
         """Free what a session holds: its state, studies, files (exports, uploads no live session
-        also named, and their memoized token ids). Called when it has been idle longer
-        than the TTL, when Gradio deletes its state (tab closed) and at unload."""
+        also named, and their memoized token ids). Called when Gradio deletes its state (tab
+        closed) and at unload; ``reap`` expires the idle ones."""
         self.cancel(session, "your session expired")
+        with self._lock:
+            leftovers = self._forget(session)
+        leftovers.remove()
+
+    def _forget(self, session: Session) -> Leftovers:
+        """Under the lock: drop the session and what it holds; its folder is renamed at once (a
+        job admitted right after starts clean) and, with its uploads, returned for removal
+        outside the lock."""
         session.drop_state()
         session.studies.clear()
-        shutil.rmtree(EXPORT_ROOT / f"session-{session.uid}", ignore_errors=True)
-        with self._lock:
-            self._sessions.pop(session.uid, None)
-            self._seen.pop(session.uid, None)
-            if not self._running.get(session.uid):
-                self._running.pop(session.uid, None)
-            shared = set().union(*(s.uploads for s in self._sessions.values()))
-        discard(session.uploads - shared, spare=EXPORT_ROOT)  # Gradio keeps one file per content
-        session.uploads.clear()
+        self._sessions.pop(session.uid, None)
+        self._seen.pop(session.uid, None)
+        if not self._running.get(session.uid):
+            self._running.pop(session.uid, None)
+        shared = set().union(*(s.uploads for s in self._sessions.values()))
+        uploads, session.uploads = session.uploads - shared, set()  # Gradio keeps one file per content
+        gone = EXPORT_ROOT / f"expired-{os.getpid()}-{next(_expired)}"
+        try:
+            (EXPORT_ROOT / f"session-{session.uid}").rename(gone)
+        except FileNotFoundError:
+            gone = None
+        return Leftovers(gone, uploads)
 
     def forget(self, session: Any) -> None:
         """``gr.State(delete_callback=...)``: Gradio dropped this session's state."""
@@ -207,7 +310,9 @@ class SessionBook:
             self.expire(session)
 
     def reap(self) -> int:
-        """Expire sessions idle longer than the TTL (and with no job); returns how many."""
+        """Expire sessions idle longer than the TTL (and with no job); returns how many. Deciding
+        and dropping happen under one hold of the lock, so a session touched or admitted meanwhile
+        is either not idle or expired before its job is admitted, never while it runs."""
         ttl = self.hosting.session_ttl_s
         now = time.monotonic()
         with self._lock:
@@ -216,8 +321,9 @@ class SessionBook:
                 for uid, seen in self._seen.items()
                 if now - seen > ttl and not self._running.get(uid) and uid in self._sessions
             ]
-        for session in idle:
-            self.expire(session)
+            leftovers = [self._forget(session) for session in idle]
+        for left in leftovers:
+            left.remove()
         if idle:
             gc.collect()
             trim_heap()
@@ -241,3 +347,16 @@ class SessionBook:
 
         self._reaper = threading.Thread(target=loop, daemon=True, name="session-reaper")
         self._reaper.start()
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """An expired session's files: its renamed folder and the uploads no live session named."""
+
+    folder: Path | None
+    uploads: set[str]
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        discard(self.uploads, spare=EXPORT_ROOT)

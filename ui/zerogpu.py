@@ -39,9 +39,9 @@ from prune.errors import LabError
 from prune.progress import CancelToken
 from ui.jobs import run_job
 
-# What a job changes in a session (``Engine.run``); the page's own fields (history, studies) are
-# written here, in the app, after the job.
-JOB_FIELDS = ("recipe", "state", "masks_model", "runs")
+# What a job changes in a session (``Engine.run``, a rebuilt state in ``Engine.pruned``); the page's
+# own fields (history, studies) are written here, in the app, after the job.
+JOB_FIELDS = ("recipe", "state", "evicted", "notice", "masks_model", "runs", "output")
 
 _ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -177,6 +177,8 @@ def run(
                 fields, facts = payload
                 for name, value in fields.items():
                     setattr(session, name, value)
+                if session.state is not None:  # within the app's budget, which the worker's copy is not
+                    engine.sessions.keep(session, session.state)
                 engine.known.update(facts["known"])
                 engine.swaps += facts["swaps"]
                 engine.last_load_s = facts["last_load_s"]
