@@ -249,10 +249,12 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     print(f"exports: {EXPORT_ROOT}", file=sys.stderr, flush=True)
     demo = build_demo(engine)
     limits = hosting.limits
-    demo.queue(default_concurrency_limit=limits.heavy_threads, max_size=limits.queue_size)  # ui.common.HEAVY
     from starlette.middleware import Middleware
 
-    from ui.common import LIGHT_THREADS
+    from ui.common import LIGHT_THREADS, heavy_group_threads
+
+    heavy = heavy_group_threads(limits.heavy_threads)
+    demo.queue(default_concurrency_limit=heavy, max_size=limits.queue_size)  # ui.common.HEAVY
     from ui.export_tab import DeleteAfterDownload
 
     demo.launch(
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         share=args.share,
         auth=args.auth,
         max_file_size=None if limits.upload_mb is None else int(limits.upload_mb * 2**20),
-        max_threads=LIGHT_THREADS + (limits.heavy_threads or 4),
+        max_threads=LIGHT_THREADS + (heavy or 4),
         app_kwargs={"middleware": [Middleware(DeleteAfterDownload)]},
         **launch_options(),
     )

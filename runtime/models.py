@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from prune.errors import LabError
+from prune.progress import checkpoint
 from prune.roles import RoleMap, Target, UnsupportedArchitecture, role_map
 from runtime.hub import on_a_space
 from runtime.memory import MemoryPlan, Workload, context_length, plan_for_source
@@ -339,9 +340,17 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     roles = stream.roles if stream is not None else _roles(model)
+    for layer in roles.layers(model):
+        layer.register_forward_pre_hook(_checkpoint_hook)
     return LoadedModel(
         name, model, tokenizer, roles, target_device, torch_dtype, source, stream, plan, dtype_reason
     )
+
+
+def _checkpoint_hook(layer: nn.Module, args: tuple) -> None:
+    """Before every decoder layer of every forward: a cancelled job (or one past its time limit)
+    stops within one layer, not one window or one generated token (a no-op outside a job)."""
+    checkpoint()
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

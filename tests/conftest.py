@@ -73,3 +73,15 @@ def smollm2_lab(smollm2):
     lab = Lab(smollm2)
     yield lab
     lab.restore()
+
+
+@pytest.fixture(scope="session")
+def public_tiny(tmp_path_factory, data_dir):
+    """The public app of ``tests/public_tiny.py`` (sentinel folders, upload limit, recording proxy),
+    started once for the tests that need it."""
+    import public_tiny as shared
+
+    server, proxy = shared.start(tmp_path_factory.mktemp("public-tiny"), data_dir)
+    yield server
+    server.stop()
+    proxy.shutdown()

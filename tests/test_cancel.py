@@ -107,3 +107,25 @@ def test_task_documents_stop_at_the_time_limit_within_one_document(lab, data_dir
     with cancellable(token), pytest.raises(Cancelled, match="time limit"):
         evaluate_tasks(lab.loaded.model, lab.loaded.tokenizer, ["rte"], limit=20, batch_size=1)
     assert calls.count == 2  # one document a model call (batch 1): the second one, then no third
+
+
+def test_a_loaded_model_stops_within_one_layer_of_a_cancel(tmp_path):
+    """A long window (or one generated token) is no longer the grain: every decoder layer of a model
+    the loader made checks the job's token before it runs."""
+    from tiny import save_tiny_chat_model
+
+    from runtime.models import load
+
+    lm = load(str(save_tiny_chat_model(tmp_path / "tiny")), device="cpu", dtype="float32")
+    layers = lm.roles.layers(lm.model)
+    token, ran = CancelToken(), []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+    ids = torch.randint(0, 100, (1, 8))
+    lm.model(ids)  # outside a job: every layer runs
+    assert ran == list(range(len(layers))) and len(layers) > 1
+    ran.clear()
+    layers[0].register_forward_hook(lambda *args: token.cancel("stop"))  # cancelled inside layer 0
+    with cancellable(token), pytest.raises(Cancelled, match="stop"):
+        lm.model(ids)
+    assert ran == [0]  # layer 1 checked the token and never ran

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import threading
 import urllib.request
@@ -15,12 +14,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from public_tiny import SENTINEL
 
 from evaluation.share import HIDDEN, scrub_paths
 from runtime.paths import CACHE_ENV, DATA_ENV
 from ui.hosting import DiskReservations, LimitExceeded
-
-SENTINEL = "SENTINEL_f00d"
 
 
 # ----- the scrubber and the reservation (no model) --------------------------------------------------
@@ -72,42 +70,7 @@ def test_two_exports_cannot_both_pass_the_free_disk_check(tmp_path):
     assert sorted(results) == ["refused", "wrote"] and disk.reserved_mb == 0.0
 
 
-# ----- a public app with the sentinel in every host folder ------------------------------------------
-def linked_copy(source: Path, target: Path) -> Path:
-    """``target`` as a real folder (its own name) whose entries link to ``source``'s."""
-    target.mkdir(parents=True)
-    for entry in source.iterdir():
-        (target / entry.name).symlink_to(entry.resolve())
-    return target
-
-
-@pytest.fixture(scope="module")
-def sentinel_server(tmp_path_factory, data_dir):
-    import app_server
-    from tiny import save_tiny_chat_model
-
-    root = tmp_path_factory.mktemp("paths")
-    model = save_tiny_chat_model(root / f"{SENTINEL}-models" / "tiny-chat")
-    cache = root / f"{SENTINEL}-cache" / "cache"
-    cache.mkdir(parents=True)
-    for part in ("models", "packages", "gguf"):
-        (cache / part).symlink_to(app_server.REAL_CACHE / part)
-    data = linked_copy(data_dir, root / f"{SENTINEL}-data" / "data")
-    saved = os.environ.get(DATA_ENV)
-    os.environ[DATA_ENV] = str(data)  # app_server.start passes it as --data-dir
-    try:
-        server = app_server.start(
-            ["--public", "--model", str(model), "--models", str(model), "--cache-dir", str(cache)]
-        )
-    finally:
-        if saved is None:
-            os.environ.pop(DATA_ENV)
-        else:
-            os.environ[DATA_ENV] = saved
-    yield server
-    server.stop()
-
-
+# ----- a public app with the sentinel in every host folder (tests/public_tiny.py) -------------------
 def every_byte(value, found: list[bytes]) -> None:
     """Everything a value a visitor got holds: its text, and each file it names (a downloaded
     output) with every member of a zip."""
@@ -137,11 +100,11 @@ STUDY = dict(calibration="c4", seed=0, nsamples=4, seqlen=64, calibration_file=N
 
 
 @pytest.mark.model
-def test_no_byte_a_visitor_gets_names_a_server_folder(sentinel_server, tmp_path):
+def test_no_byte_a_visitor_gets_names_a_server_folder(public_tiny, tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    client = Client(sentinel_server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    client = Client(public_tiny.url, verbose=False, download_files=str(tmp_path / "downloads"))
     calls = {
         "load_model": lambda: client.predict("tiny-chat", "", api_name="/load_model"),
         "readout": lambda: client.predict(api_name="/readout", calibration_file=None, eval_file=None),
@@ -181,7 +144,7 @@ def test_no_byte_a_visitor_gets_names_a_server_folder(sentinel_server, tmp_path)
     }
     assert not errors, errors  # every endpoint really ran
     for page in ("", "config", "gradio_api/info"):
-        with urllib.request.urlopen(sentinel_server.url + page, timeout=30) as response:
+        with urllib.request.urlopen(public_tiny.url + page, timeout=30) as response:
             found.append(response.read())
     leaks = [
         blob[max(0, blob.find(SENTINEL.encode()) - 120) :][:240]

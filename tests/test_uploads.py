@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import http.server
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from public_tiny import Recorder
 
 from prune.errors import Cancelled
 from prune.progress import CancelToken, cancellable
@@ -258,54 +258,16 @@ def test_an_expired_session_leaves_none_of_its_uploads(tmp_path):
     export.unlink()
 
 
-# ----- through a real public server -----------------------------------------------------------------
-class Recorder(http.server.BaseHTTPRequestHandler):
-    """A loopback HTTP proxy that records every request and answers with a small jsonl file."""
-
-    seen: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        Recorder.seen.append(self.path)
-        body = b'{"text": "fetched"}\n'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def public(proxy, tmp_path_factory):
-    """The public app on the tiny model, 5,000 characters per upload, whose HTTP goes through the
-    loopback proxy: a URL Gradio fetched (``*.hf.co`` passes its SSRF guard) would reach it."""
-    from app_server import start
-    from tiny import save_tiny_chat_model
-
-    folder = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
-    flags = ["--public", "--model", str(folder), "--models", str(folder), "--max-upload-chars", "5000"]
-    local = "127.0.0.1,localhost"
-    return start(flags, {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": local, "no_proxy": local})
-
-
+# ----- through a real public server (tests/public_tiny.py: 5,000 characters per upload) ---------
 SMALL = dict(nsamples=4, seqlen=16, eval_windows=2, eval_seqlen=16, layer_last=1)
 
 
 @pytest.mark.model
-def test_a_public_server_refuses_a_url_file_and_an_upload_over_its_limit(public, tmp_path):
+def test_a_public_server_refuses_a_url_file_and_an_upload_over_its_limit(public_tiny, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    client = Client(public.url, verbose=False)
+    client = Client(public_tiny.url, verbose=False)
     url = "http://datasets.hf.co/visitor/calibration.jsonl"
     meta = {"_type": "gradio.FileData"}
     for payload in (handle_file(url), {"path": url, "meta": meta}):  # what gradio_client sends; raw
@@ -326,6 +288,6 @@ def test_a_public_server_refuses_a_url_file_and_an_upload_over_its_limit(public,
         refused.value
     )
     assert str(tmp_path) not in str(refused.value)
-    with urllib.request.urlopen(public.url + "config", timeout=10) as page:
+    with urllib.request.urlopen(public_tiny.url + "config", timeout=10) as page:
         assert "5,000 characters of text per upload" in page.read().decode()  # the limits line
-    assert public.alive()
+    assert public_tiny.alive()

@@ -29,6 +29,16 @@ HEAVY_GROUP = "heavy"
 HEAVY = dict(concurrency_id=HEAVY_GROUP, concurrency_limit="default")
 LIGHT = dict(concurrency_limit=None, show_progress="hidden")
 LIGHT_THREADS = 36  # Gradio threads beside the heavy ones (Gradio's own default: 40 in all)
+# Heavy-group threads beyond the model's line: a request is admitted or refused only once it has a
+# heavy thread, so with every line place held by a waiting job a visitor's burst would wait there
+# for its refusals, and other visitors' first jobs behind it. These threads refuse it at once.
+REFUSING_THREADS = 4
+
+
+def heavy_group_threads(line: int | None) -> int | None:
+    """Gradio threads of the heavy group for a line of ``line`` jobs (None: no limit)."""
+    return None if line is None else line + REFUSING_THREADS
+
 
 # Gradio gives each call a fresh tracker in place of this default (blocks.create_tracker), so one
 # module-level instance is safe to share.

@@ -213,8 +213,8 @@ SETTINGS: tuple[Setting, ...] = (
         "heavy_threads",
         "--heavy-threads",
         "count",
-        "threads for heavy jobs (one runs on the model, the others wait in its line); the rest "
-        "answer readouts and cancels",
+        "heavy jobs in the model's line (one runs, the others wait), a thread each; 4 more threads "
+        "refuse what does not fit, the rest answer readouts and cancels",
         limit="heavy_threads",
     ),
     Setting(
