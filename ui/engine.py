@@ -269,11 +269,12 @@ class Engine:
         """``run_job`` for a heavy job of ``session``: checked against the host's limits from ``size``
         (``prune.jobs.job_size``: what it will compute; None only for a job with nothing a visitor
         sizes, a model load or the fixed 2:4 benchmark, which gets the most GPU time) before anything
-        else, admitted (one pending per session), queued first come first served (``("queue", jobs
-        ahead)`` events while waiting), run under the host's time limit, cancellable
-        (``Engine.cancel``, a closed page); the queue is free again within a moment of a cancel
-        because every long loop checks the token itself (``prune.progress.checkpoint``). On ZeroGPU
-        (``self.gpu``) the job runs in a GPU worker that asks for the time ``size`` needs."""
+        else, admitted (one pending per session), queued in turns (``("queue", jobs ahead)`` events
+        while waiting, ``("started", None)`` once it has the model), run under the host's time
+        limit, cancellable (``Engine.cancel``, a closed page); the queue is free again within a
+        moment of a cancel because every long loop checks the token itself
+        (``prune.progress.checkpoint``). On ZeroGPU (``self.gpu``) the job runs in a GPU worker that
+        asks for the time ``size`` needs."""
         if size is not None:
             self.hosting.limits.check(size)
         gpu_s = self._gpu_seconds(session, size) if self.gpu is not None else 0
@@ -283,6 +284,7 @@ class Engine:
         def job(emit: Emit) -> Any:
             with cancellable(token):
                 ticket = self.jobs.acquire(token, lambda ahead: emit("queue", ahead), session.uid)
+                emit("started", None)  # the page stops saying "Waiting"
                 try:
                     if seconds:
                         token.deadline = time.monotonic() + seconds

@@ -355,6 +355,8 @@ def make_handlers(engine: Engine):
         for kind, payload in engine.heavy(session, work, job_size(recipe, "run")):
             if kind == "queue":
                 yield [waiting_text(payload), gr.skip()] + skip
+            elif kind == "started":
+                yield ["Running: your job has the model ...", gr.skip()] + skip
             elif kind == "progress":
                 event: Event = payload
                 progress(event.fraction, desc=event.message)
@@ -415,6 +417,8 @@ def make_measure_handler(engine: Engine):
         for kind, payload in engine.heavy(session, work, job_size(session.recipe, "run", dense=False)):
             if kind == "queue":
                 yield [waiting_text(payload), gr.skip()]
+            elif kind == "started":
+                yield ["Measuring: your job has the model ...", gr.skip()]
         text = ", ".join(f"{dataset_label(ds)} {ppl:.3f}" for ds, ppl in payload.items())
         yield [
             engine.noted(session, f"Run #{session.runs} measured again: pruned perplexity {text}"),
