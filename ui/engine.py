@@ -293,8 +293,10 @@ class Engine:
                         return zerogpu.run(self.gpu, self, session, work, gpu_s, emit)
                     return work(emit)
                 finally:
+                    # what the job freed in its thread's arena goes back (``ui.host``), before the
+                    # next job starts: malloc_trim locks the allocator, which would stall that job
+                    trim_heap()
                     self.jobs.release(ticket)
-                    trim_heap()  # what the job freed in its thread's arena goes back (``ui.host``)
 
         try:
             for kind, payload in run_job(job, token):
