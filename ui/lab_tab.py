@@ -746,20 +746,16 @@ def model_widgets(engine: Engine, current: str) -> tuple[gr.Dropdown, gr.Textbox
     return choice, text
 
 
+CHOICE_FIELDS = ("model", "token_ok", "state", "evicted", "recipe", "masks_model")  # what a switch changes
+
+
 def switch_model(engine: Engine, choice: str, custom: str, session: Session, progress) -> Iterator[list]:
     """This session's model becomes ``custom or choice`` (checked against the hosting profile); the
     model is loaded now, as a job, so the page shows it. Nobody else's work changes."""
     name = (custom or "").strip() or (choice or "").strip()
     skip = [gr.skip()] * (len(ROLES) + 5)
     engine.sessions.touch(session)
-    previous = (
-        session.model,
-        session.token_ok,
-        session.state,
-        session.evicted,
-        session.recipe,
-        session.masks_model,
-    )
+    previous = {name: getattr(session, name) for name in CHOICE_FIELDS}
     wanted = engine.hosting.display(engine.choose(session, name))  # refused at once, one message
     yield [f"Loading **{wanted}** ..."] + skip
 
@@ -774,14 +770,8 @@ def switch_model(engine: Engine, choice: str, custom: str, session: Session, pro
                 progress(0.5, desc=payload.message)
                 yield [f"Loading **{wanted}**: {payload.message}"] + skip
     except Exception:
-        (
-            session.model,
-            session.token_ok,
-            session.state,
-            session.evicted,
-            session.recipe,
-            session.masks_model,
-        ) = previous
+        for name, value in previous.items():  # a failed load leaves the session as it was
+            setattr(session, name, value)
         yield refresh(engine, session) if session.model in (None, *engine.known) else [gr.skip()] + skip
         raise
     gr.Info(f"Loaded {wanted} for you in {engine.last_load_s:.1f} s" if engine.swaps else f"Loaded {wanted}")
