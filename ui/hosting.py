@@ -52,7 +52,10 @@ class Limits:
     new_tokens: int | None = None
     upload_mb: float | None = None  # Gradio max_file_size
     upload_chars: int | None = None  # characters of text decoded from one upload (runtime.files)
-    queue_size: int | None = None  # Gradio queue max_size: requests waiting for a heavy thread
+    # Gradio queue max_size: requests waiting for a thread. Above one visitor's burst (40 in
+    # bench/public_hostile.py): a full queue refuses every visitor's requests, readouts included,
+    # while the app refuses the burst itself per visitor (``pending_per_session``), ~20 a second
+    queue_size: int | None = None
     # Gradio threads that serve heavy events (one concurrency group; ``ui.common.HEAVY``): the
     # other threads stay free for light ones (readouts, cancel), and the line of jobs for the
     # model (``ui.job_queue.JobQueue``) is never longer than this
@@ -74,7 +77,7 @@ class Limits:
                 new_tokens=512,
                 upload_mb=50,
                 upload_chars=16_000_000,
-                queue_size=64,
+                queue_size=128,
                 heavy_threads=8,
                 pending_per_session=2,
                 job_seconds=1800,
@@ -89,7 +92,7 @@ class Limits:
             new_tokens=256,
             upload_mb=10,
             upload_chars=2_000_000,  # 1.5 WikiText-2 test sets; tokenizing it peaks at ~300 MB
-            queue_size=32,
+            queue_size=64,
             heavy_threads=4,
             pending_per_session=2,
             job_seconds=600,
