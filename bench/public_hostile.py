@@ -16,8 +16,9 @@ checks, in the order they run (each one function, each line PASS or FAIL against
   tokens and a downstream study with 200 x 8192 windows refused in < 1 s; a downstream study inside
   the limits cancelled during its dense evaluation, the lab free again within 2 s;
 - a calibration ``FileData`` naming a URL (a loopback server run here): refused, never fetched;
-- one visitor submits 40 jobs at once: all but two refused with a message, while another visitor's
-  readout p95 stays < 1 s and its own job starts behind at most those two;
+- one visitor submits 40 jobs at once (after a warm-up job of the same size): all but two refused
+  with a message, while another visitor's readout p95 stays < 1 s and its own job starts behind
+  A's running job only (before A's waiting one, within the time A's running job takes);
 - 60 sessions prune and stay idle under ``--state-budget-mb 64``: resident memory grows less than
   the budget + 100 MB, and the first (evicted) session's next measure is rebuilt, same perplexity;
 - a 1 MB parquet that inflates far past any text limit: refused, resident memory rises < 100 MB;
