@@ -668,7 +668,7 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
     _group(mlp, [sliders[r] for r in MLP_ROLES]).then(**no_api(readout_event))
     triggers = [c.input for c in [*role_sliders, method, structure, permute, refine, layer_first, layer_last]]
     gr.on(triggers, **readout_event)
-    run_event = run_btn.click(
+    run_btn.click(
         prune_and_evaluate,
         inputs=[session],
         inputs_kwargs=controls,
@@ -686,10 +686,10 @@ def build(engine: Engine, defaults: Defaults) -> LabTab:
         **LIGHT,
     )
     clear_btn.click(clear_history, [session], [history_table, history_fig], api_name="clear_history", **LIGHT)
-    measure_event = measure_btn.click(
+    measure_btn.click(
         make_measure_handler(engine), [session], [measure_md, measure_json], api_name="measure", **HEAVY
     )
-    wire_cancel(engine, cancel_btn, session, [run_event, measure_event])
+    wire_cancel(engine, cancel_btn, session)
     structure.change(speed_note, structure, speed_md, api_name=False, **LIGHT)
     speed_btn.click(measure_speed, [session], speed_result, api_name="measure_24", **HEAVY)
     return LabTab(session, model_md, sliders, controls, readout_md, refresh_outputs, readout_event)
@@ -800,7 +800,7 @@ def limits_markdown(engine: Engine) -> gr.Markdown:
     return gr.Markdown(limits.describe(), elem_id="limits", visible=bool(limits.describe()))
 
 
-def wire_cancel(engine: Engine, button: gr.Button, session: gr.State, events: list) -> None:
+def wire_cancel(engine: Engine, button: gr.Button, session: gr.State) -> None:
     """The Cancel button stops this session's jobs (the queue lets go within a moment); ``/cancel``
     does the same for API clients."""
 
