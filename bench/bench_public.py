@@ -42,6 +42,11 @@ PROMPT = "What is the capital of France?"
 BUSY_RETRY_S = 300.0  # friendly: how long a visitor tries again while the model's line is full
 
 
+def is_busy(err: Exception) -> bool:
+    """The app's answer when the model's line is full (``ui.job_queue``): a visitor tries again."""
+    return str(err).startswith("the lab is busy")
+
+
 def app_pid(server) -> int:
     return server.process.pid
 
@@ -97,30 +102,24 @@ def friendly(args: argparse.Namespace) -> int:
             try:
                 out = fn()
             except AppError as err:
-                if str(err).startswith("the lab is busy") and time.monotonic() < deadline:
+                if is_busy(err) and time.monotonic() < deadline:
                     with lock:
                         busy[kind] += 1
                     time.sleep(2.0)
                     continue
-                return counted(kind, err, expect_error)
+                with lock:
+                    errors[f"{kind}: {str(err)[:60]}"] += 1
+                    served[kind] += 1
+                return err
             except Exception as err:  # noqa: BLE001 - counted as a failure of the app
                 with lock:
                     errors[f"FAILED {kind}: {type(err).__name__} {str(err)[:60]}"] += 1
                 return err
-            return counted(kind, out, expect_error)
-
-    def counted(kind: str, out, expect_error: bool):
-        if isinstance(out, AppError):
-            err = out
             with lock:
-                errors[f"{kind}: {str(err)[:60]}"] += 1
                 served[kind] += 1
-            return err
-        with lock:
-            served[kind] += 1
-            if expect_error:
-                errors[f"UNEXPECTED SUCCESS {kind}"] += 1
-        return out
+                if expect_error:
+                    errors[f"UNEXPECTED SUCCESS {kind}"] += 1
+            return out
 
     def in_line(submit):
         """A submitted job that has sent its first output and was not refused as "the lab is busy"
@@ -138,7 +137,7 @@ def friendly(args: argparse.Namespace) -> int:
             try:
                 job.result(timeout=1)
             except AppError as err:
-                if str(err).startswith("the lab is busy"):
+                if is_busy(err):
                     with lock:
                         busy["prune (cancelled)"] += 1
                     continue
